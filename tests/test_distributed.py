@@ -1,0 +1,322 @@
+"""Multi-rank behaviour on gloo: averaging against DDP and manual averaging, buffers, checkpoints,
+DDP-wrapped models, and bad input raised on every rank."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
+from _harness import RemoteError
+from local_sgd_optim import LocalSGDOptimizer
+
+# --- functions run on every rank (module level, so worker processes can import them) ------
+
+
+def _period_one_vs_ddp(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ours_model, ddp_inner = mlp(seed=1), mlp(seed=1)
+    ours = LocalSGDOptimizer(torch.optim.SGD(ours_model.parameters(), lr=0.2), ours_model, period=1)
+    ddp = DDP(ddp_inner)
+    ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
+    for step in range(steps):
+        loss_of(ours_model, rank(), step).backward()
+        ours.step()
+        ours.zero_grad()
+        loss_of(ddp, rank(), step).backward()
+        ddp_opt.step()
+        ddp_opt.zero_grad()
+    return flat_params(ours_model), flat_params(ddp_inner)
+
+
+def _trace_rounds(period: int, accumulation: int, micro_steps: int) -> dict[str, Any]:
+    """Per micro-step: parameters after the step, the local parameters right before any round
+    (captured by a base-optimizer post hook), and the counters."""
+    model = mlp(seed=rank() + 3)  # differently seeded ranks: broadcast_initial must align them
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = LocalSGDOptimizer(base, model, period=period, accumulation_steps=accumulation)
+    initial = flat_params(model)
+    before_round: list[torch.Tensor] = []
+    base.register_step_post_hook(lambda *_: before_round.append(flat_params(model)))
+    trace = []
+    for i in range(micro_steps):
+        opt.zero_grad()
+        loss_of(model, rank(), i).backward()
+        rounds = opt.averaging_rounds
+        opt.step()
+        trace.append({
+            "params": flat_params(model),
+            "local": before_round[-1] if before_round else None,
+            "counters": (opt.micro_steps, opt.optimizer_steps, opt.averaging_rounds),
+            "round": opt.averaging_rounds > rounds,
+        })
+    return {"initial": initial, "trace": trace}
+
+
+def _buffers(average_buffers: bool) -> dict[str, Any]:
+    model = bn_net(seed=rank())
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2,
+                            average_buffers=average_buffers)
+    bn = model[1]
+    loss_of(model, rank(), 0).backward()
+    opt.step()
+    opt.zero_grad()
+    if rank() == 1:
+        model(loss_of.__globals__["batch"](1, 99)[0])  # an extra forward: num_batches_tracked differs
+    loss_of(model, rank(), 1).backward()
+    before = {"mean": bn.running_mean.clone(), "var": bn.running_var.clone()}
+    opt.step()  # the round
+    return {
+        "before": before,
+        "mean": bn.running_mean.clone(),
+        "var": bn.running_var.clone(),
+        "tracked": int(bn.num_batches_tracked),
+    }
+
+
+def _straight_vs_resumed(accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def make(seed: int) -> tuple[nn.Module, LocalSGDOptimizer]:
+        model = bn_net(seed)
+        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        return model, LocalSGDOptimizer(base, model, period=3, accumulation_steps=accumulation)
+
+    def train(model: nn.Module, opt: LocalSGDOptimizer, start: int, stop: int) -> None:
+        for i in range(start * accumulation, stop * accumulation):
+            loss_of(model, rank(), i).backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = make(seed=0)
+    train(model, opt, 0, 8)
+    straight = torch.cat([flat_params(model), model[1].running_mean])
+
+    model, opt = make(seed=0)
+    train(model, opt, 0, 4)
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model, opt = make(seed=123)  # a fresh start: different initial values everywhere
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    train(model, opt, 4, 8)
+    resumed = torch.cat([flat_params(model), model[1].running_mean])
+    return straight, resumed
+
+
+def _ddp_keeps_gradients_local(style: str) -> dict[str, Any]:
+    """A DDP-wrapped model under LocalSGD against the same model unwrapped, step by step."""
+    accumulation = 2
+    plain = bn_net(seed=5)
+    wrapped = DDP(bn_net(seed=5))
+    opts = [
+        LocalSGDOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, period=4,
+                          accumulation_steps=accumulation)
+        for m in (plain, wrapped)
+    ]
+    same_as_plain = []
+    for i in range(8 * accumulation):
+        last_micro = (i + 1) % accumulation == 0
+        for model, opt in zip((plain, wrapped), opts):
+            if model is wrapped and style == "require_sync":
+                model.require_backward_grad_sync = True  # scripts that force DDP's sync
+            if model is wrapped and style == "no_sync" and not last_micro:
+                with model.no_sync():
+                    loss_of(model, rank(), i).backward()
+            else:
+                loss_of(model, rank(), i).backward()
+            opt.step()
+            opt.zero_grad()
+        same_as_plain.append(torch.equal(flat_params(plain), flat_params(wrapped.module))
+                             and torch.equal(plain[1].running_mean,
+                                             wrapped.module[1].running_mean))
+    return {"same_as_plain": same_as_plain, "params": flat_params(wrapped.module),
+            "rounds": opts[1].averaging_rounds}
+
+
+def _construct(kind: str) -> tuple[str, str]:
+    model = mlp()
+    period = 4
+    if kind == "shape" and rank() == 1:
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 4))
+    if kind == "count" and rank() == 1:
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3), nn.Linear(3, 3))
+    if kind == "dtype" and rank() == 1:
+        model = mlp().double()
+    if kind == "period" and rank() == 1:
+        period = 8
+    if kind == "bad_period":
+        period = 0
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    return raised(LocalSGDOptimizer, base, model, period)
+
+
+def _add_param_group_and_unfreeze() -> dict[str, Any]:
+    model = mlp(seed=rank())
+    model[0].weight.requires_grad_(False)  # frozen, yet held by the optimizer as is common
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    initial = flat_params(model)
+    with torch.no_grad():
+        model[0].weight.add_(rank())  # the frozen copies now differ across ranks
+    torch.manual_seed(rank() + 50)
+    extra = nn.Parameter(torch.randn(5))  # outside the model, different on each rank
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    extra_after_add = extra.detach().clone()
+
+    def train(start: int) -> None:
+        for i in range(start, start + 2):
+            (loss_of(model, rank(), i) + (extra * (rank() + 1)).sum()).backward()
+            opt.step()
+            opt.zero_grad()
+
+    train(0)
+    after_first_round = {"frozen": model[0].weight.detach().clone(),
+                         "extra": extra.detach().clone(), "head": flat_params(model[2])}
+    model[0].weight.requires_grad_(True)  # unfrozen: joins the next round
+    train(2)
+    return {"initial": initial, "extra_after_add": extra_after_add, "first": after_first_round,
+            "params": flat_params(model), "extra": extra.detach().clone()}
+
+
+def _exception_inside_with() -> dict[str, Any]:
+    """Rank 1 fails inside ``with``; rank 0 never calls close(). Had rank 1's exit run a final
+    round, it would wait for a partner that never comes and fail with a gloo error instead."""
+    model = mlp(seed=rank())
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+
+    def train() -> None:
+        for i in range(3):
+            loss_of(model, rank(), i).backward()
+            opt.step()
+            opt.zero_grad()
+
+    if rank() == 0:
+        train()
+        return {"raised": False, "rounds": opt.averaging_rounds}
+    try:
+        with opt:
+            train()
+            raise KeyError("only rank 1 fails")
+    except KeyError:
+        return {"raised": True, "rounds": opt.averaging_rounds}
+
+
+def _broadcast_initial(flag: bool) -> torch.Tensor:
+    model = mlp(seed=rank())
+    LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2,
+                      broadcast_initial=flag)
+    return flat_params(model)
+
+
+# --- tests: assertions in the parent ----------------------------------------------------
+
+
+def test_period_one_equals_ddp(ranks: Any) -> None:
+    for ours, ddp in ranks.run(_period_one_vs_ddp, 10):
+        torch.testing.assert_close(ours, ddp, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rounds_equal_manual_average_and_never_split_a_window(ranks: Any, world_size: int) -> None:
+    period, accumulation, micro_steps = 3, 2, 20
+    results = ranks.run(_trace_rounds, period, accumulation, micro_steps, world_size=world_size)
+    for r in results[1:]:
+        assert torch.equal(r["initial"], results[0]["initial"]), "broadcast_initial failed"
+    for i in range(micro_steps):
+        entries = [r["trace"][i] for r in results]
+        micro, optimizer_steps, rounds = entries[0]["counters"]
+        assert all(e["counters"] == entries[0]["counters"] for e in entries)
+        assert micro == i + 1
+        assert optimizer_steps == (i + 1) // accumulation
+        assert rounds == optimizer_steps // period
+        if entries[0]["round"]:
+            assert micro % accumulation == 0, "a round landed inside an accumulation window"
+            assert optimizer_steps % period == 0
+            for e in entries[1:]:
+                assert torch.equal(e["params"], entries[0]["params"]), "not bitwise equal"
+            manual = torch.stack([e["local"] for e in entries]).sum(0) / world_size
+            torch.testing.assert_close(entries[0]["params"], manual, rtol=0, atol=1e-7)
+            assert not all(torch.equal(e["local"], entries[0]["local"]) for e in entries[1:])
+        elif optimizer_steps % period != 0:
+            assert not torch.equal(entries[1]["params"], entries[0]["params"])
+    assert results[0]["trace"][-1]["counters"] == (20, 10, 3)
+
+
+def test_float_buffers_averaged_integer_buffers_untouched(ranks: Any) -> None:
+    r0, r1 = ranks.run(_buffers, True)
+    assert not torch.equal(r0["before"]["mean"], r1["before"]["mean"])
+    for key in ("mean", "var"):
+        assert torch.equal(r0[key], r1[key])
+        torch.testing.assert_close(r0[key], (r0["before"][key] + r1["before"][key]) / 2,
+                                   rtol=0, atol=1e-7)
+    assert (r0["tracked"], r1["tracked"]) == (2, 3)
+
+    r0, r1 = ranks.run(_buffers, False)
+    assert not torch.equal(r0["mean"], r1["mean"])
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_checkpoint_resume_is_bitwise_on_every_rank(ranks: Any, accumulation: int) -> None:
+    results = ranks.run(_straight_vs_resumed, accumulation)
+    for straight, resumed in results:
+        assert torch.equal(straight, resumed)
+    assert not torch.equal(results[0][0], results[1][0]), "ranks should differ after 8 steps"
+
+
+@pytest.mark.parametrize("style", ["plain", "require_sync", "no_sync"])
+def test_ddp_model_has_no_gradient_allreduce_between_rounds(ranks: Any, style: str) -> None:
+    r0, r1 = ranks.run(_ddp_keeps_gradients_local, style)
+    for r in (r0, r1):
+        assert all(r["same_as_plain"]), r["same_as_plain"]
+        assert r["rounds"] == 2
+    # 8 optimizer steps with period 4: the last step was a round, so ranks agree bitwise.
+    assert torch.equal(r0["params"], r1["params"])
+
+
+@pytest.mark.parametrize(
+    "kind, error, pattern",
+    [
+        ("shape", "RuntimeError",
+         "rank 0 has parameter '2.weight' of shape (3, 16), torch.float32; "
+         "rank 1 has parameter '2.weight' of shape (4, 16)"),
+        ("count", "RuntimeError", "rank 1 has parameter '3.weight' of shape (3, 3)"),
+        ("dtype", "RuntimeError", "rank 1 has parameter '0.weight' of shape (16, 6), torch.float64"),
+        ("period", "RuntimeError", "rank 0 has setting period=4; rank 1 has setting period=8"),
+        ("bad_period", "ValueError", "period must be a positive integer, got 0"),
+    ],
+)
+def test_bad_input_raises_on_every_rank(ranks: Any, kind: str, error: str, pattern: str) -> None:
+    results = ranks.run(_construct, kind, timeout=60)
+    for type_name, message in results:
+        assert type_name == error, message
+        assert pattern in message, message
+
+
+def test_model_mismatch_on_four_ranks_names_the_odd_rank(ranks: Any) -> None:
+    results = ranks.run(_construct, "shape", world_size=4, timeout=60)
+    assert [type_name for type_name, _ in results] == ["RuntimeError"] * 4
+    assert all("rank 1 has parameter '2.weight' of shape (4, 16)" in m for _, m in results)
+
+
+def test_added_and_unfrozen_parameters_join_averaging(ranks: Any) -> None:
+    r0, r1 = ranks.run(_add_param_group_and_unfreeze)
+    assert torch.equal(r0["initial"], r1["initial"]), "broadcast_initial covers frozen ones too"
+    assert torch.equal(r0["extra_after_add"], r1["extra_after_add"])
+    assert not torch.equal(r0["first"]["frozen"], r1["first"]["frozen"]), "frozen was averaged"
+    assert torch.equal(r0["first"]["extra"], r1["first"]["extra"])
+    assert torch.equal(r0["first"]["head"], r1["first"]["head"])
+    assert torch.equal(r0["params"], r1["params"]), "the unfrozen parameter did not join"
+    assert torch.equal(r0["extra"], r1["extra"])
+
+
+def test_exception_inside_with_skips_the_final_round(ranks: Any) -> None:
+    r0, r1 = ranks.run(_exception_inside_with, timeout=60, pg_timeout=10)
+    assert (r0["raised"], r1["raised"]) == (False, True)
+    assert r1["rounds"] == 0
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_broadcast_initial(ranks: Any, flag: bool) -> None:
+    r0, r1 = ranks.run(_broadcast_initial, flag)
+    assert torch.equal(r0, r1) is flag
