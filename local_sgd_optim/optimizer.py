@@ -415,11 +415,14 @@ class LocalSGDOptimizer(Optimizer):
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         what_a = a[i] if i < len(a) else "nothing more"
         what_b = b[i] if i < len(b) else "nothing more"
+        def count(lines: list[str]) -> int:
+            return sum(1 for line in lines if not line.startswith("setting "))
+
         raise RuntimeError(
             "LocalSGDOptimizer: the model or settings differ across ranks "
-            f"(rank {rank_a}: {len(a) - 4} parameters and buffers, rank {rank_b}: "
-            f"{len(b) - 4}). First difference: rank {rank_a} has {what_a}; rank {rank_b} has "
-            f"{what_b}. Every rank must build the same model and pass the same arguments."
+            f"(rank {rank_a}: {count(a)} parameters and buffers, rank {rank_b}: {count(b)}). "
+            f"First difference: rank {rank_a} has {what_a}; rank {rank_b} has {what_b}. "
+            "Every rank must build the same model and pass the same arguments."
         )
 
     def _round(self) -> None:
@@ -563,8 +566,6 @@ class LocalSGDOptimizer(Optimizer):
             setattr(self, "_" + name, loaded[name])
         self._closed = False
         self._warn_if_broadcast_replaced_checkpoint()
-        if self._communicates:
-            self._plan_key = None  # average_buffers may have changed: rebuild at the next round
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -109,7 +109,8 @@ def _ddp_keeps_gradients_local(style: str) -> dict[str, Any]:
     """A DDP-wrapped model under LocalSGD against the same model unwrapped, step by step."""
     accumulation = 2
     plain = bn_net(seed=5)
-    wrapped = DDP(bn_net(seed=5))
+    flags = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
+    wrapped = DDP(bn_net(seed=5), **(flags if style == "flags" else {}))
     opts = [
         LocalSGDOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, period=4,
                           accumulation_steps=accumulation)
@@ -264,7 +265,7 @@ def test_checkpoint_resume_is_bitwise_on_every_rank(ranks: Any, accumulation: in
     assert not torch.equal(results[0][0], results[1][0]), "ranks should differ after 8 steps"
 
 
-@pytest.mark.parametrize("style", ["plain", "require_sync", "no_sync"])
+@pytest.mark.parametrize("style", ["plain", "require_sync", "no_sync", "flags"])
 def test_ddp_model_has_no_gradient_allreduce_between_rounds(ranks: Any, style: str) -> None:
     r0, r1 = ranks.run(_ddp_keeps_gradients_local, style)
     for r in (r0, r1):
