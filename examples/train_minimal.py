@@ -7,7 +7,8 @@ the one that builds the optimizer.
 Run it on 2 CPU processes (gloo), on one GPU per process (NCCL, picked automatically), or alone::
 
     torchrun --standalone --nproc_per_node 2 examples/train_minimal.py
-    torchrun --standalone --nproc_per_node 2 examples/train_minimal.py --period 4 --accumulation-steps 2
+    torchrun --standalone --nproc_per_node 2 examples/train_minimal.py --period 4 \
+        --accumulation-steps 2
     python examples/train_minimal.py
 
 It prints the loss every ``--log-every`` steps and, at the end, the test accuracy and whether every
@@ -31,8 +32,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per rank")
     parser.add_argument("--period", type=int, default=8, help="optimizer steps between rounds")
-    parser.add_argument("--accumulation-steps", type=int, default=1,
-                        help="micro-batches per optimizer step")
+    parser.add_argument(
+        "--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="micro-batch size per rank")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
@@ -42,7 +44,7 @@ def parse_args() -> argparse.Namespace:
 
 
 class Teacher:
-    """A fixed random two-layer network that labels Gaussian inputs: learnable, but not trivially."""
+    """A fixed random two-layer network labelling Gaussian inputs: learnable, not trivially."""
 
     def __init__(self, features: int = 32, classes: int = 10) -> None:
         g = torch.Generator().manual_seed(1234)  # the same task on every rank
@@ -76,8 +78,9 @@ def main() -> None:
     ).to(device)
 
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    opt = LocalSGDOptimizer(base, model, period=args.period,
-                            accumulation_steps=args.accumulation_steps)
+    opt = LocalSGDOptimizer(
+        base, model, period=args.period, accumulation_steps=args.accumulation_steps
+    )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
 
     start = time.perf_counter()
@@ -91,8 +94,11 @@ def main() -> None:
                 opt.zero_grad()
             scheduler.step()
             if rank == 0 and (step % args.log_every == 0 or step == 1):
-                print(f"step {step:5d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.4f}"
-                      f"  rounds {opt.averaging_rounds}", flush=True)
+                print(
+                    f"step {step:5d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.4f}"
+                    f"  rounds {opt.averaging_rounds}",
+                    flush=True,
+                )
     elapsed = time.perf_counter() - start
 
     model.eval()
@@ -107,10 +113,13 @@ def main() -> None:
             dist.all_reduce(high, op=dist.ReduceOp.MAX)
             spread = (high - low).abs().max().reshape(1)
     if rank == 0:
-        print(f"done: {world_size} rank(s), {opt.optimizer_steps} steps, "
-              f"{opt.averaging_rounds} averaging rounds, {opt.optimizer_steps / elapsed:.1f} "
-              f"steps/s, test accuracy {accuracy:.3f}, "
-              f"ranks identical: {'yes' if spread.item() == 0 else 'no'}", flush=True)
+        print(
+            f"done: {world_size} rank(s), {opt.optimizer_steps} steps, "
+            f"{opt.averaging_rounds} averaging rounds, {opt.optimizer_steps / elapsed:.1f} "
+            f"steps/s, test accuracy {accuracy:.3f}, "
+            f"ranks identical: {'yes' if spread.item() == 0 else 'no'}",
+            flush=True,
+        )
     if distributed:
         dist.destroy_process_group()
 

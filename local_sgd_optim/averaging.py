@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -21,25 +20,25 @@ __all__: list[str] = []
 
 
 def _as_real(tensor: Tensor) -> Tensor:
-    """A real-valued view of ``tensor`` that shares its storage (complex tensors average as pairs)."""
+    """A real view of ``tensor`` sharing its storage (complex tensors average as pairs)."""
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
 
 
-def group_size(process_group: Optional[dist.ProcessGroup]) -> int:
+def group_size(process_group: dist.ProcessGroup | None) -> int:
     """Number of ranks in ``process_group``; 1 when torch.distributed is not initialised."""
     if not dist.is_available() or not dist.is_initialized():
         return 1
     return dist.get_world_size(process_group)
 
 
-def group_rank(process_group: Optional[dist.ProcessGroup]) -> int:
+def group_rank(process_group: dist.ProcessGroup | None) -> int:
     """This process's rank inside ``process_group``, or -1 when it is not a member."""
     if not dist.is_available() or not dist.is_initialized():
         return 0
     return dist.get_rank(process_group)
 
 
-def collective_device(process_group: Optional[dist.ProcessGroup]) -> torch.device:
+def collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
     """The device small bookkeeping tensors must live on for ``process_group``'s backend."""
     backend = str(dist.get_backend(process_group)).lower()
     if "nccl" in backend and "cpu:" not in backend and torch.cuda.is_available():
@@ -90,9 +89,7 @@ class TensorAverager:
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
     """
 
-    def __init__(
-        self, tensors: Sequence[Tensor], process_group: Optional[dist.ProcessGroup]
-    ) -> None:
+    def __init__(self, tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
         self.process_group = process_group
         self.world_size = group_size(process_group)
         self.groups = _group_by_device_and_dtype(tensors)
@@ -110,9 +107,7 @@ class TensorAverager:
 
 
 @torch.no_grad()
-def broadcast_tensors(
-    tensors: Sequence[Tensor], process_group: Optional[dist.ProcessGroup]
-) -> bool:
+def broadcast_tensors(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> bool:
     """Copy the group's rank 0 values of ``tensors`` to every rank, in place.
 
     Returns whether any of this rank's tensors changed. The flat buffers are temporary.
@@ -137,8 +132,8 @@ def _digest(lines: Sequence[str]) -> int:
 
 
 def check_same_across_ranks(
-    lines: Sequence[str], process_group: Optional[dist.ProcessGroup]
-) -> Optional[tuple[int, int, list[list[str]]]]:
+    lines: Sequence[str], process_group: dist.ProcessGroup | None
+) -> tuple[int, int, list[list[str]]] | None:
     """Compare a description (one line per tensor or setting) across ranks.
 
     The common case costs one all-gather of two integers per rank. Only when the fingerprints
@@ -155,7 +150,7 @@ def check_same_across_ranks(
     fingerprints = [tuple(t.tolist()) for t in gathered]
     if all(f == fingerprints[0] for f in fingerprints):
         return None
-    everyone: list[Optional[list[str]]] = [None] * world
+    everyone: list[list[str] | None] = [None] * world
     dist.all_gather_object(everyone, list(lines), group=process_group)
     other = next(r for r, f in enumerate(fingerprints) if f != fingerprints[0])
     return 0, other, [list(d or []) for d in everyone]

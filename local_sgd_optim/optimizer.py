@@ -1,4 +1,4 @@
-"""``LocalSGDOptimizer``: counters, the averaging schedule, delegation to the base optimizer, state."""
+"""``LocalSGDOptimizer``: counters, the averaging schedule, delegation, state."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from types import TracebackType
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _keep_gradients_local(state: object, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+def _keep_gradients_local(state: object, bucket: Any) -> torch.futures.Future[Tensor]:
     """DDP communication hook that hands each gradient bucket back without communicating."""
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(bucket.buffer())
@@ -52,7 +52,7 @@ def _keep_gradients_local(state: object, bucket: dist.GradBucket) -> torch.futur
 # DDP validates a hook's annotations as objects; this module's postponed annotations are strings.
 _keep_gradients_local.__annotations__ = {
     "state": object,
-    "bucket": dist.GradBucket,
+    "bucket": dist.GradBucket,  # type: ignore[attr-defined]
     "return": torch.futures.Future[Tensor],
 }
 
@@ -137,7 +137,7 @@ class LocalSGDOptimizer(Optimizer):
         *,
         accumulation_steps: int = 1,
         average_buffers: bool = True,
-        process_group: Optional[dist.ProcessGroup] = None,
+        process_group: dist.ProcessGroup | None = None,
         broadcast_initial: bool = True,
         enabled: bool = True,
     ) -> None:
@@ -189,8 +189,8 @@ class LocalSGDOptimizer(Optimizer):
         self._averaging_rounds = 0
         self._last_round_step = 0
         self._closed = False
-        self._averager: Optional[TensorAverager] = None
-        self._plan_key: Optional[tuple[Hashable, ...]] = None
+        self._averager: TensorAverager | None = None
+        self._plan_key: tuple[Hashable, ...] | None = None
         self._init_optimizer_bookkeeping()
 
         if enabled and group_rank(process_group) < 0:
@@ -200,7 +200,7 @@ class LocalSGDOptimizer(Optimizer):
             )
         self._world_size = group_size(process_group) if enabled else 1
         self._broadcast_changed_model = False
-        self._versions_after_broadcast: Optional[list[int]] = None
+        self._versions_after_broadcast: list[int] | None = None
         if self._communicates:
             if isinstance(model, DistributedDataParallel):
                 self._detach_from_ddp(model)
@@ -227,7 +227,7 @@ class LocalSGDOptimizer(Optimizer):
         self._patch_step_function()  # runs step pre/post hooks around our step()
 
     # The base optimizer's own objects, so schedulers and hooks act on the real thing.
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self._base.param_groups
 
@@ -235,7 +235,7 @@ class LocalSGDOptimizer(Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self._base.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self._base.state
 
@@ -243,7 +243,7 @@ class LocalSGDOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         self._base.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self._base.defaults
 
@@ -304,7 +304,7 @@ class LocalSGDOptimizer(Optimizer):
 
     # --- stepping -------------------------------------------------------------------------
 
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Count one micro-batch; take an optimizer step at the end of each accumulation window.
 
         Args:
@@ -384,8 +384,8 @@ class LocalSGDOptimizer(Optimizer):
         """(kind, name, tensor, averaged) for every parameter and buffer, in a fixed order."""
         for name, p in self._model.named_parameters():
             yield "parameter", name, p, p.requires_grad
-        for i, p in enumerate(self._extra_params):
-            yield "parameter", f"<add_param_group #{i}>", p, True
+        for i, extra in enumerate(self._extra_params):
+            yield "parameter", f"<add_param_group #{i}>", extra, True
         for name, b in self._model.named_buffers():
             yield "buffer", name, b, self._average_buffers and b.is_floating_point()
 
@@ -415,6 +415,7 @@ class LocalSGDOptimizer(Optimizer):
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         what_a = a[i] if i < len(a) else "nothing more"
         what_b = b[i] if i < len(b) else "nothing more"
+
         def count(lines: list[str]) -> int:
             return sum(1 for line in lines if not line.startswith("setting "))
 
@@ -466,9 +467,9 @@ class LocalSGDOptimizer(Optimizer):
 
     def __exit__(
         self,
-        exc_type: Optional[type[BaseException]],
-        exc: Optional[BaseException],
-        traceback: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
     ) -> None:
         if exc_type is None:
             self.close()
@@ -570,7 +571,7 @@ class LocalSGDOptimizer(Optimizer):
             post_hook(self)
 
     @staticmethod
-    def _validate_loaded(ours: object) -> dict[str, Union[int, bool]]:
+    def _validate_loaded(ours: object) -> dict[str, int | bool]:
         if not isinstance(ours, dict):
             raise ValueError(
                 f"the state dict's 'local_sgd' entry must be a dict, got {type(ours).__name__}"

@@ -19,7 +19,7 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 DEFAULT_TIMEOUT = 120.0
 
@@ -62,7 +62,7 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any) -> None:
             args, kwargs = pickle.loads(payload)
             value = fn(*args, **kwargs)
             results.put((call_id, rank, "ok", pickle.dumps(value)))
-        except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
+        except BaseException as exc:
             results.put(
                 (call_id, rank, "error", (type(exc).__name__, str(exc), traceback.format_exc()))
             )
@@ -100,7 +100,7 @@ class WorkerPool:
         fn: Callable[..., Any],
         *args: Any,
         timeout: float = DEFAULT_TIMEOUT,
-        pg_timeout: Optional[float] = None,
+        pg_timeout: float | None = None,
         init_process_group: bool = True,
         return_exceptions: bool = False,
         **kwargs: Any,
@@ -190,7 +190,9 @@ class Pools:
     def __init__(self) -> None:
         self._pools: dict[int, WorkerPool] = {}
 
-    def run(self, fn: Callable[..., Any], *args: Any, world_size: int = 2, **kwargs: Any) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, world_size: int = 2, **kwargs: Any
+    ) -> list[Any]:
         pool = self._pools.get(world_size)
         if pool is None or not pool.alive:
             pool = self._pools[world_size] = WorkerPool(world_size)

@@ -5,7 +5,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
-
 from _harness import Pools
 
 

@@ -7,12 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
+from _common import batch, bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
-from _harness import RemoteError
 from local_sgd_optim import LocalSGDOptimizer
 
 # --- functions run on every rank (module level, so worker processes can import them) ------
@@ -48,25 +46,31 @@ def _trace_rounds(period: int, accumulation: int, micro_steps: int) -> dict[str,
         loss_of(model, rank(), i).backward()
         rounds = opt.averaging_rounds
         opt.step()
-        trace.append({
-            "params": flat_params(model),
-            "local": before_round[-1] if before_round else None,
-            "counters": (opt.micro_steps, opt.optimizer_steps, opt.averaging_rounds),
-            "round": opt.averaging_rounds > rounds,
-        })
+        trace.append(
+            {
+                "params": flat_params(model),
+                "local": before_round[-1] if before_round else None,
+                "counters": (opt.micro_steps, opt.optimizer_steps, opt.averaging_rounds),
+                "round": opt.averaging_rounds > rounds,
+            }
+        )
     return {"initial": initial, "trace": trace}
 
 
 def _buffers(average_buffers: bool) -> dict[str, Any]:
     model = bn_net(seed=rank())
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2,
-                            average_buffers=average_buffers)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        period=2,
+        average_buffers=average_buffers,
+    )
     bn = model[1]
     loss_of(model, rank(), 0).backward()
     opt.step()
     opt.zero_grad()
     if rank() == 1:
-        model(loss_of.__globals__["batch"](1, 99)[0])  # an extra forward: num_batches_tracked differs
+        model(batch(1, 99)[0])  # an extra forward: num_batches_tracked now differs
     loss_of(model, rank(), 1).backward()
     before = {"mean": bn.running_mean.clone(), "var": bn.running_var.clone()}
     opt.step()  # the round
@@ -112,8 +116,12 @@ def _ddp_keeps_gradients_local(style: str) -> dict[str, Any]:
     flags = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
     wrapped = DDP(bn_net(seed=5), **(flags if style == "flags" else {}))
     opts = [
-        LocalSGDOptimizer(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), m, period=4,
-                          accumulation_steps=accumulation)
+        LocalSGDOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+            m,
+            period=4,
+            accumulation_steps=accumulation,
+        )
         for m in (plain, wrapped)
     ]
     same_as_plain = []
@@ -129,11 +137,15 @@ def _ddp_keeps_gradients_local(style: str) -> dict[str, Any]:
                 loss_of(model, rank(), i).backward()
             opt.step()
             opt.zero_grad()
-        same_as_plain.append(torch.equal(flat_params(plain), flat_params(wrapped.module))
-                             and torch.equal(plain[1].running_mean,
-                                             wrapped.module[1].running_mean))
-    return {"same_as_plain": same_as_plain, "params": flat_params(wrapped.module),
-            "rounds": opts[1].averaging_rounds}
+        same_as_plain.append(
+            torch.equal(flat_params(plain), flat_params(wrapped.module))
+            and torch.equal(plain[1].running_mean, wrapped.module[1].running_mean)
+        )
+    return {
+        "same_as_plain": same_as_plain,
+        "params": flat_params(wrapped.module),
+        "rounds": opts[1].averaging_rounds,
+    }
 
 
 def _construct(kind: str) -> tuple[str, str]:
@@ -172,12 +184,20 @@ def _add_param_group_and_unfreeze() -> dict[str, Any]:
             opt.zero_grad()
 
     train(0)
-    after_first_round = {"frozen": model[0].weight.detach().clone(),
-                         "extra": extra.detach().clone(), "head": flat_params(model[2])}
+    after_first_round = {
+        "frozen": model[0].weight.detach().clone(),
+        "extra": extra.detach().clone(),
+        "head": flat_params(model[2]),
+    }
     model[0].weight.requires_grad_(True)  # unfrozen: joins the next round
     train(2)
-    return {"initial": initial, "extra_after_add": extra_after_add, "first": after_first_round,
-            "params": flat_params(model), "extra": extra.detach().clone()}
+    return {
+        "initial": initial,
+        "extra_after_add": extra_after_add,
+        "first": after_first_round,
+        "params": flat_params(model),
+        "extra": extra.detach().clone(),
+    }
 
 
 def _exception_inside_with() -> dict[str, Any]:
@@ -205,8 +225,9 @@ def _exception_inside_with() -> dict[str, Any]:
 
 def _broadcast_initial(flag: bool) -> torch.Tensor:
     model = mlp(seed=rank())
-    LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2,
-                      broadcast_initial=flag)
+    LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, period=2, broadcast_initial=flag
+    )
     return flat_params(model)
 
 
@@ -249,8 +270,9 @@ def test_float_buffers_averaged_integer_buffers_untouched(ranks: Any) -> None:
     assert not torch.equal(r0["before"]["mean"], r1["before"]["mean"])
     for key in ("mean", "var"):
         assert torch.equal(r0[key], r1[key])
-        torch.testing.assert_close(r0[key], (r0["before"][key] + r1["before"][key]) / 2,
-                                   rtol=0, atol=1e-7)
+        torch.testing.assert_close(
+            r0[key], (r0["before"][key] + r1["before"][key]) / 2, rtol=0, atol=1e-7
+        )
     assert (r0["tracked"], r1["tracked"]) == (2, 3)
 
     r0, r1 = ranks.run(_buffers, False)
@@ -278,11 +300,18 @@ def test_ddp_model_has_no_gradient_allreduce_between_rounds(ranks: Any, style: s
 @pytest.mark.parametrize(
     "kind, error, pattern",
     [
-        ("shape", "RuntimeError",
-         "rank 0 has parameter '2.weight' of shape (3, 16), torch.float32; "
-         "rank 1 has parameter '2.weight' of shape (4, 16)"),
+        (
+            "shape",
+            "RuntimeError",
+            "rank 0 has parameter '2.weight' of shape (3, 16), torch.float32; "
+            "rank 1 has parameter '2.weight' of shape (4, 16)",
+        ),
         ("count", "RuntimeError", "rank 1 has parameter '3.weight' of shape (3, 3)"),
-        ("dtype", "RuntimeError", "rank 1 has parameter '0.weight' of shape (16, 6), torch.float64"),
+        (
+            "dtype",
+            "RuntimeError",
+            "rank 1 has parameter '0.weight' of shape (16, 6), torch.float64",
+        ),
         ("period", "RuntimeError", "rank 0 has setting period=4; rank 1 has setting period=8"),
         ("bad_period", "ValueError", "period must be a positive integer, got 0"),
     ],

@@ -14,15 +14,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_minimal_example_under_torchrun() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, as in CI
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "examples" / "train_minimal.py"), "--steps", "120", "--period", "4",
-           "--accumulation-steps", "2", "--log-every", "40"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "examples" / "train_minimal.py"),
+        "--steps",
+        "120",
+        "--period",
+        "4",
+        "--accumulation-steps",
+        "2",
+        "--log-every",
+        "40",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, proc.stdout
-    summary = re.search(r"done: 2 rank\(s\), 120 steps, (\d+) averaging rounds, .*"
-                        r"test accuracy (\d\.\d+), ranks identical: (\w+)", proc.stdout)
+    summary = re.search(
+        r"done: 2 rank\(s\), 120 steps, (\d+) averaging rounds, .*"
+        r"test accuracy (\d\.\d+), ranks identical: (\w+)",
+        proc.stdout,
+    )
     assert summary, proc.stdout
     assert int(summary.group(1)) == 30  # 120 steps / period 4; the final round is not needed
     assert float(summary.group(2)) > 0.5  # chance is 0.1

@@ -7,9 +7,9 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from _common import flat_params, loss_of, mlp, roundtrip
 from torch import nn
 
-from _common import flat_params, loss_of, mlp, roundtrip
 from local_sgd_optim import LocalSGDOptimizer
 
 OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
@@ -19,8 +19,9 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 
 
-def _train_reference(make_opt: Callable[[Any], torch.optim.Optimizer], accumulation: int,
-                     steps: int) -> torch.Tensor:
+def _train_reference(
+    make_opt: Callable[[Any], torch.optim.Optimizer], accumulation: int, steps: int
+) -> torch.Tensor:
     """The base optimizer alone, accumulating by hand: sum the micro-batch gradients, divide."""
     model = mlp()
     opt = make_opt(model.parameters())
@@ -34,11 +35,13 @@ def _train_reference(make_opt: Callable[[Any], torch.optim.Optimizer], accumulat
     return flat_params(model)
 
 
-def _train_wrapped(make_opt: Callable[[Any], torch.optim.Optimizer], accumulation: int,
-                   steps: int, **kwargs: Any) -> tuple[torch.Tensor, LocalSGDOptimizer]:
+def _train_wrapped(
+    make_opt: Callable[[Any], torch.optim.Optimizer], accumulation: int, steps: int, **kwargs: Any
+) -> tuple[torch.Tensor, LocalSGDOptimizer]:
     model = mlp()
-    opt = LocalSGDOptimizer(make_opt(model.parameters()), model, period=2,
-                            accumulation_steps=accumulation, **kwargs)
+    opt = LocalSGDOptimizer(
+        make_opt(model.parameters()), model, period=2, accumulation_steps=accumulation, **kwargs
+    )
     for i in range(steps * accumulation):
         opt.zero_grad()  # every micro-batch, as many loops do: must not break accumulation
         loss_of(model, 0, i).backward()
@@ -49,8 +52,9 @@ def _train_wrapped(make_opt: Callable[[Any], torch.optim.Optimizer], accumulatio
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("accumulation", [1, 3])
 @pytest.mark.parametrize("enabled", [True, False])
-def test_without_process_group_matches_base_optimizer(name: str, accumulation: int,
-                                                      enabled: bool) -> None:
+def test_without_process_group_matches_base_optimizer(
+    name: str, accumulation: int, enabled: bool
+) -> None:
     expected = _train_reference(OPTIMIZERS[name], accumulation, steps=5)
     got, opt = _train_wrapped(OPTIMIZERS[name], accumulation, steps=5, enabled=enabled)
     assert torch.equal(got, expected)
@@ -81,8 +85,9 @@ def test_shares_base_optimizer_objects() -> None:
 
 def test_counters_and_accumulation_windows() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=3,
-                            accumulation_steps=2)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, period=3, accumulation_steps=2
+    )
     seen = []
     for i in range(13):
         loss_of(model, 0, i).backward()
@@ -98,8 +103,9 @@ def test_counters_and_accumulation_windows() -> None:
 
 def test_zero_grad_clears_only_after_optimizer_step() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=1,
-                            accumulation_steps=2)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, period=1, accumulation_steps=2
+    )
     loss_of(model, 0, 0).backward()
     first = model[0].weight.grad.clone()
     opt.step()
@@ -125,8 +131,9 @@ def test_closure_returns_loss_and_is_rejected_with_accumulation() -> None:
     assert isinstance(loss, torch.Tensor) and loss.item() > 0
     lbfgs = LocalSGDOptimizer(torch.optim.LBFGS(model.parameters(), max_iter=3), model, period=1)
     assert lbfgs.step(closure) is not None
-    accumulating = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                                     period=1, accumulation_steps=2)
+    accumulating = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, period=1, accumulation_steps=2
+    )
     with pytest.raises(ValueError, match="closure cannot be combined with accumulation_steps"):
         accumulating.step(closure)
 
@@ -146,8 +153,9 @@ def test_schedulers_drive_the_base_optimizer(name: str) -> None:
     make = _schedulers()[name]
     ref_model, model = mlp(), mlp()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                            period=2)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, period=2
+    )
     ref_sched, sched = make(ref_opt), make(opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "scheduler.step() before optimizer.step()"
@@ -161,8 +169,10 @@ def test_schedulers_drive_the_base_optimizer(name: str) -> None:
             opt.zero_grad()
             sched.step()
             assert opt.base_optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
-            assert (opt.base_optimizer.param_groups[0]["momentum"]
-                    == ref_opt.param_groups[0]["momentum"])
+            assert (
+                opt.base_optimizer.param_groups[0]["momentum"]
+                == ref_opt.param_groups[0]["momentum"]
+            )
     assert torch.equal(flat_params(model), flat_params(ref_model))
 
 
@@ -195,8 +205,12 @@ def test_add_param_group_reaches_base_optimizer() -> None:
 
 def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                            period=3, accumulation_steps=2)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model,
+        period=3,
+        accumulation_steps=2,
+    )
     for i in range(11):
         loss_of(model, 0, i).backward()
         opt.step()
@@ -207,8 +221,12 @@ def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
     assert state["local_sgd"]["averaging_rounds"] == 1
     assert state["local_sgd"]["period"] == 3
 
-    fresh = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model,
-                              period=3, accumulation_steps=2)
+    fresh = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model,
+        period=3,
+        accumulation_steps=2,
+    )
     fresh.load_state_dict(state)
     assert (fresh.micro_steps, fresh.optimizer_steps, fresh.averaging_rounds) == (11, 5, 1)
     for p in model.parameters():
@@ -224,8 +242,9 @@ def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
 
 def test_load_state_dict_takes_settings_from_checkpoint_with_warning() -> None:
     model = mlp()
-    saved = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                              period=4).state_dict()
+    saved = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, period=4
+    ).state_dict()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=8)
     with pytest.warns(UserWarning, match=r"period=4 \(was 8\)"):
         opt.load_state_dict(saved)
@@ -271,12 +290,11 @@ def test_close_and_context_manager() -> None:
     exact.close()
     assert exact.averaging_rounds == 1, "close() right after a round must not average again"
 
-    with pytest.raises(KeyError):
-        with LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model,
-                               period=4) as failing:
-            loss_of(model, 0, 0).backward()
-            failing.step()
-            raise KeyError("boom")
+    failing = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    with pytest.raises(KeyError), failing:
+        loss_of(model, 0, 0).backward()
+        failing.step()
+        raise KeyError("boom")
     assert failing.averaging_rounds == 0
 
 
@@ -292,9 +310,11 @@ def test_rejects_bad_integers(name: str, value: Any) -> None:
 def test_rejects_bad_types_and_foreign_parameters() -> None:
     model = mlp()
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.raises(TypeError, match="base_optimizer must be a torch.optim.Optimizer, got list"):
+    with pytest.raises(
+        TypeError, match=r"base_optimizer must be a torch\.optim\.Optimizer, got list"
+    ):
         LocalSGDOptimizer([], model, period=2)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got dict"):
         LocalSGDOptimizer(base, {}, period=2)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="average_buffers must be a bool"):
         LocalSGDOptimizer(base, model, period=2, average_buffers=1)  # type: ignore[arg-type]
