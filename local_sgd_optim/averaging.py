@@ -131,26 +131,25 @@ def _digest(lines: Sequence[str]) -> int:
     return int.from_bytes(raw, "little", signed=True)
 
 
-def check_same_across_ranks(
-    lines: Sequence[str], process_group: dist.ProcessGroup | None
-) -> tuple[int, int, list[list[str]]] | None:
-    """Compare a description (one line per tensor or setting) across ranks.
+def exchange_descriptions(
+    lines: Sequence[str], process_group: dist.ProcessGroup | None, error: str | None = None
+) -> list[tuple[str | None, list[str]]] | None:
+    """Compare a description (one line per tensor or setting) across ranks, with local errors.
 
-    The common case costs one all-gather of two integers per rank. Only when the fingerprints
-    differ are the full descriptions gathered, so that every rank can name the first difference.
-
-    Returns ``None`` when every rank agrees, else ``(rank_a, rank_b, descriptions)`` with two
-    ranks that differ (rank 0 and the first rank unlike it) and every rank's description.
+    The common case costs one all-gather of three integers per rank. Only when a rank reports an
+    ``error`` or the fingerprints differ is every rank's ``(error, lines)`` gathered, so that
+    every rank can name the problem; that list is returned. ``None`` means all ranks agree.
     """
     world = group_size(process_group)
     device = collective_device(process_group)
-    mine = torch.tensor([len(lines), _digest(lines)], dtype=torch.int64, device=device)
+    mine = torch.tensor(
+        [int(error is not None), len(lines), _digest(lines)], dtype=torch.int64, device=device
+    )
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=process_group)
     fingerprints = [tuple(t.tolist()) for t in gathered]
-    if all(f == fingerprints[0] for f in fingerprints):
+    if all(f == fingerprints[0] and f[0] == 0 for f in fingerprints):
         return None
-    everyone: list[list[str] | None] = [None] * world
-    dist.all_gather_object(everyone, list(lines), group=process_group)
-    other = next(r for r, f in enumerate(fingerprints) if f != fingerprints[0])
-    return 0, other, [list(d or []) for d in everyone]
+    everyone: list[tuple[str | None, list[str]] | None] = [None] * world
+    dist.all_gather_object(everyone, (error, list(lines)), group=process_group)
+    return [entry if entry is not None else (None, []) for entry in everyone]

@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from local_sgd_optim.averaging import (
     TensorAverager,
     broadcast_tensors,
-    check_same_across_ranks,
+    exchange_descriptions,
     group_rank,
     group_size,
 )
@@ -40,6 +40,77 @@ def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def _validate_arguments(
+    base_optimizer: object,
+    model: object,
+    period: object,
+    accumulation_steps: object,
+    average_buffers: object,
+    broadcast_initial: object,
+    enabled: object,
+    process_group: object,
+) -> None:
+    if isinstance(base_optimizer, LocalSGDOptimizer):
+        raise TypeError(
+            "base_optimizer is already a LocalSGDOptimizer; wrap the underlying optimizer "
+            "(opt.base_optimizer) once"
+        )
+    if not isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_positive_int("period", period)
+    _check_positive_int("accumulation_steps", accumulation_steps)
+    _check_bool("average_buffers", average_buffers)
+    _check_bool("broadcast_initial", broadcast_initial)
+    _check_bool("enabled", enabled)
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or None, "
+            f"got {type(process_group).__name__}"
+        )
+    if process_group is not None and not dist.is_initialized():
+        raise RuntimeError(
+            "process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group() first"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    foreign = sum(
+        1 for g in base_optimizer.param_groups for p in g["params"] if id(p) not in model_params
+    )
+    if foreign:
+        raise ValueError(
+            f"base_optimizer holds {foreign} parameter(s) that are not parameters of model; "
+            "build the base optimizer from model.parameters() (use add_param_group for "
+            "parameters that live outside the model)"
+        )
+    if enabled and group_rank(process_group) < 0:
+        raise ValueError(
+            "this rank is not a member of process_group; build LocalSGDOptimizer only on "
+            "the group's ranks, or pass enabled=False elsewhere"
+        )
+    if enabled and isinstance(model, DistributedDataParallel) and model._comm_hooks:
+        raise RuntimeError(
+            "model is a DistributedDataParallel that already has a communication hook; "
+            "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
+            "Wrap a DDP model without register_comm_hook()"
+        )
+
+
+def _could_communicate(process_group: object, enabled: object) -> bool:
+    """Whether this rank would have joined the construction-time collective."""
+    return (
+        enabled is not False
+        and dist.is_available()
+        and dist.is_initialized()
+        and (process_group is None or isinstance(process_group, dist.ProcessGroup))
+        and group_size(process_group) > 1
+        and group_rank(process_group) >= 0
+    )
 
 
 def _keep_gradients_local(state: object, bucket: Any) -> torch.futures.Future[Tensor]:
@@ -141,48 +212,33 @@ class LocalSGDOptimizer(Optimizer):
         broadcast_initial: bool = True,
         enabled: bool = True,
     ) -> None:
-        if isinstance(base_optimizer, LocalSGDOptimizer):
-            raise TypeError(
-                "base_optimizer is already a LocalSGDOptimizer; wrap the underlying optimizer "
-                "(opt.base_optimizer) once"
+        try:
+            _validate_arguments(
+                base_optimizer,
+                model,
+                period,
+                accumulation_steps,
+                average_buffers,
+                broadcast_initial,
+                enabled,
+                process_group,
             )
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                "base_optimizer must be a torch.optim.Optimizer, "
-                f"got {type(base_optimizer).__name__}"
-            )
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._period = _check_positive_int("period", period)
-        self._accumulation_steps = _check_positive_int("accumulation_steps", accumulation_steps)
-        self._average_buffers = _check_bool("average_buffers", average_buffers)
-        self._broadcast_initial = _check_bool("broadcast_initial", broadcast_initial)
-        self._enabled = _check_bool("enabled", enabled)
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(
-                "process_group must be a torch.distributed.ProcessGroup or None, "
-                f"got {type(process_group).__name__}"
-            )
-        if process_group is not None and not dist.is_initialized():
-            raise RuntimeError(
-                "process_group was given but torch.distributed is not initialised; call "
-                "torch.distributed.init_process_group() first"
-            )
-
-        model_params = {id(p) for p in model.parameters()}
-        foreign = sum(
-            1 for g in base_optimizer.param_groups for p in g["params"] if id(p) not in model_params
-        )
-        if foreign:
-            raise ValueError(
-                f"base_optimizer holds {foreign} parameter(s) that are not parameters of model; "
-                "build the base optimizer from model.parameters() (use add_param_group for "
-                "parameters that live outside the model)"
-            )
+        except (TypeError, ValueError, RuntimeError) as problem:
+            # The other ranks may have valid input and be about to wait for us in the first
+            # collective: join it with the error so that every rank raises instead of hanging.
+            if _could_communicate(process_group, enabled):
+                self._process_group = process_group
+                self._agree_across_ranks([], error=f"{type(problem).__name__}: {problem}")
+            raise
 
         self._base = base_optimizer
         self._model = model
         self._process_group = process_group
+        self._period = period
+        self._accumulation_steps = accumulation_steps
+        self._average_buffers = average_buffers
+        self._broadcast_initial = broadcast_initial
+        self._enabled = enabled
         self._extra_params: list[Tensor] = []
         self._micro_steps = 0
         self._optimizer_steps = 0
@@ -193,18 +249,13 @@ class LocalSGDOptimizer(Optimizer):
         self._plan_key: tuple[Hashable, ...] | None = None
         self._init_optimizer_bookkeeping()
 
-        if enabled and group_rank(process_group) < 0:
-            raise ValueError(
-                "this rank is not a member of process_group; build LocalSGDOptimizer only on "
-                "the group's ranks, or pass enabled=False elsewhere"
-            )
         self._world_size = group_size(process_group) if enabled else 1
         self._broadcast_changed_model = False
         self._versions_after_broadcast: list[int] | None = None
         if self._communicates:
+            self._check_ranks_agree()
             if isinstance(model, DistributedDataParallel):
                 self._detach_from_ddp(model)
-            self._check_ranks_agree()
             if broadcast_initial:
                 state = list(model.parameters()) + list(model.buffers())
                 self._broadcast_changed_model = broadcast_tensors(state, process_group)
@@ -407,11 +458,26 @@ class LocalSGDOptimizer(Optimizer):
         for kind, name, t, averaged in self._named_averaged_state():
             frozen = "" if averaged or kind == "buffer" else ", frozen"
             lines.append(f"{kind} '{name}' of shape {tuple(t.shape)}, {t.dtype}{frozen}")
-        mismatch = check_same_across_ranks(lines, self._process_group)
-        if mismatch is None:
+        self._agree_across_ranks(lines)
+
+    def _agree_across_ranks(self, lines: list[str], error: str | None = None) -> None:
+        """Raise the same error on every rank if any rank failed or the descriptions differ."""
+        everyone = exchange_descriptions(lines, self._process_group, error)
+        if everyone is None:
             return
-        rank_a, rank_b, descriptions = mismatch
-        a, b = descriptions[rank_a], descriptions[rank_b]
+        failed = [(r, e) for r, (e, _) in enumerate(everyone) if e is not None]
+        if failed:
+            if error is not None:
+                return  # the caller raises this rank's own exception
+            raise RuntimeError(
+                "LocalSGDOptimizer could not be built on "
+                + "; ".join(f"rank {r} ({e})" for r, e in failed)
+                + ". Fix the arguments there: every rank must build it with the same input."
+            )
+        descriptions = [d for _, d in everyone]
+        a = descriptions[0]
+        other = next(r for r, d in enumerate(descriptions) if d != a)
+        b = descriptions[other]
         i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         what_a = a[i] if i < len(a) else "nothing more"
         what_b = b[i] if i < len(b) else "nothing more"
@@ -421,8 +487,8 @@ class LocalSGDOptimizer(Optimizer):
 
         raise RuntimeError(
             "LocalSGDOptimizer: the model or settings differ across ranks "
-            f"(rank {rank_a}: {count(a)} parameters and buffers, rank {rank_b}: {count(b)}). "
-            f"First difference: rank {rank_a} has {what_a}; rank {rank_b} has {what_b}. "
+            f"(rank 0: {count(a)} parameters and buffers, rank {other}: {count(b)}). "
+            f"First difference: rank 0 has {what_a}; rank {other} has {what_b}. "
             "Every rank must build the same model and pass the same arguments."
         )
 
@@ -482,12 +548,6 @@ class LocalSGDOptimizer(Optimizer):
 
     @staticmethod
     def _detach_from_ddp(model: DistributedDataParallel) -> None:
-        if getattr(model, "_comm_hooks", None):
-            raise RuntimeError(
-                "model is a DistributedDataParallel that already has a communication hook; "
-                "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
-                "Wrap a DDP model without register_comm_hook()"
-            )
         model.register_comm_hook(None, _keep_gradients_local)
         # Buffers are averaged at rounds; rank 0's copy must not overwrite them every forward.
         model.broadcast_buffers = False

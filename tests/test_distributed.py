@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from _common import batch, bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -159,10 +160,23 @@ def _construct(kind: str) -> tuple[str, str]:
         model = mlp().double()
     if kind == "period" and rank() == 1:
         period = 8
-    if kind == "bad_period":
+    if kind == "bad_period" or (kind == "bad_period_on_rank_1" and rank() == 1):
         period = 0
-    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+    if kind == "foreign_on_rank_1" and rank() == 1:
+        params.append(nn.Parameter(torch.zeros(2)))
+    if kind == "ddp_with_hook":
+        model = DDP(model)
+        model.register_comm_hook(None, _allreduce_hook)
+    base = torch.optim.SGD(params, lr=0.1)
     return raised(LocalSGDOptimizer, base, model, period)
+
+
+def _allreduce_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0])
+
+
+_allreduce_hook.__annotations__ = {}
 
 
 def _add_param_group_and_unfreeze() -> dict[str, Any]:
@@ -297,28 +311,50 @@ def test_ddp_model_has_no_gradient_allreduce_between_rounds(ranks: Any, style: s
     assert torch.equal(r0["params"], r1["params"])
 
 
+SHAPE = "rank 0 has parameter '2.weight' of shape (3, 16), torch.float32; rank 1 has parameter "
+RANK_1_FAILED = "LocalSGDOptimizer could not be built on rank 1 ("
+
+
 @pytest.mark.parametrize(
-    "kind, error, pattern",
+    "kind, errors, patterns",
     [
-        (
-            "shape",
-            "RuntimeError",
-            "rank 0 has parameter '2.weight' of shape (3, 16), torch.float32; "
-            "rank 1 has parameter '2.weight' of shape (4, 16)",
-        ),
-        ("count", "RuntimeError", "rank 1 has parameter '3.weight' of shape (3, 3)"),
+        ("shape", ["RuntimeError"] * 2, [SHAPE + "'2.weight' of shape (4, 16)"] * 2),
+        ("count", ["RuntimeError"] * 2, ["rank 1 has parameter '3.weight' of shape (3, 3)"] * 2),
         (
             "dtype",
-            "RuntimeError",
-            "rank 1 has parameter '0.weight' of shape (16, 6), torch.float64",
+            ["RuntimeError"] * 2,
+            ["rank 1 has parameter '0.weight' of shape (16, 6), torch.float64"] * 2,
         ),
-        ("period", "RuntimeError", "rank 0 has setting period=4; rank 1 has setting period=8"),
-        ("bad_period", "ValueError", "period must be a positive integer, got 0"),
+        (
+            "period",
+            ["RuntimeError"] * 2,
+            ["rank 0 has setting period=4; rank 1 has setting period=8"] * 2,
+        ),
+        ("bad_period", ["ValueError"] * 2, ["period must be a positive integer, got 0"] * 2),
+        (
+            "bad_period_on_rank_1",
+            ["RuntimeError", "ValueError"],
+            [
+                RANK_1_FAILED + "ValueError: period must be a positive integer, got 0)",
+                "period must be a positive integer, got 0",
+            ],
+        ),
+        (
+            "foreign_on_rank_1",
+            ["RuntimeError", "ValueError"],
+            [
+                RANK_1_FAILED + "ValueError: base_optimizer holds 1 parameter(s) that are not",
+                "base_optimizer holds 1 parameter(s) that are not parameters of model",
+            ],
+        ),
+        ("ddp_with_hook", ["RuntimeError"] * 2, ["already has a communication hook"] * 2),
     ],
 )
-def test_bad_input_raises_on_every_rank(ranks: Any, kind: str, error: str, pattern: str) -> None:
+def test_bad_input_raises_on_every_rank(
+    ranks: Any, kind: str, errors: list[str], patterns: list[str]
+) -> None:
     results = ranks.run(_construct, kind, timeout=60)
-    for type_name, message in results:
+    for (type_name, message), error, pattern in zip(results, errors, patterns):
         assert type_name == error, message
         assert pattern in message, message
 
