@@ -78,6 +78,12 @@ def _validate_arguments(
             "process_group was given but torch.distributed is not initialised; call "
             "torch.distributed.init_process_group() first"
         )
+    sharded = _sharded_parameter(model)
+    if sharded is not None:
+        raise TypeError(
+            f"model is sharded across ranks ({sharded}); Local SGD averages full copies of the "
+            "model, one per rank. Use a plain module or DistributedDataParallel"
+        )
     model_params = {id(p) for p in model.parameters()}
     foreign = sum(
         1 for g in base_optimizer.param_groups for p in g["params"] if id(p) not in model_params
@@ -99,6 +105,25 @@ def _validate_arguments(
             "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
             "Wrap a DDP model without register_comm_hook()"
         )
+
+
+def _sharded_parameter(model: nn.Module) -> str | None:
+    """What in ``model`` holds only a shard of the parameters (FSDP, DTensor), if anything."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - builds without distributed support
+        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4 keeps it private
+        from torch.distributed._tensor import DTensor  # type: ignore[attr-defined]
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return f"module {name or '<root>'!r} is FullyShardedDataParallel"
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            return f"parameter {name!r} is a DTensor"
+    return None
 
 
 def _could_communicate(process_group: object, enabled: object) -> bool:

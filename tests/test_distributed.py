@@ -386,3 +386,82 @@ def test_exception_inside_with_skips_the_final_round(ranks: Any) -> None:
 def test_broadcast_initial(ranks: Any, flag: bool) -> None:
     r0, r1 = ranks.run(_broadcast_initial, flag)
     assert torch.equal(r0, r1) is flag
+
+
+def _load_order(model_first: bool) -> list[str]:
+    """Resume from a checkpoint taken between rounds, loading the model before or after
+    constructing the optimizer; return the warnings raised."""
+    import warnings
+
+    model = mlp(seed=rank())
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    for i in range(2):
+        loss_of(model, rank(), i).backward()
+        opt.step()
+        opt.zero_grad()
+    saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    fresh = mlp(seed=rank() + 10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if model_first:
+            fresh.load_state_dict(saved["model"])
+        fresh_opt = LocalSGDOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, period=4)
+        if not model_first:
+            fresh.load_state_dict(saved["model"])
+        fresh_opt.load_state_dict(saved["opt"])
+    return [str(w.message) for w in caught]
+
+
+def test_warns_when_initial_broadcast_replaced_a_loaded_checkpoint(ranks: Any) -> None:
+    r0, r1 = ranks.run(_load_order, True)
+    assert r0 == []  # rank 0's own parameters were kept
+    assert len(r1) == 1 and "rank 0's initial broadcast" in r1[0]
+    assert ranks.run(_load_order, False) == [[], []]
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = nn.Linear(4, 4)
+        self.half = nn.Linear(4, 4).to(torch.bfloat16)
+        self.rotation = nn.Parameter(torch.randn(3, dtype=torch.complex64))
+        self.register_buffer("scale", torch.ones(4))
+        self.register_buffer("empty", torch.zeros(0))
+
+
+def _mixed_dtypes() -> dict[str, Any]:
+    model = _Mixed()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(rank() + 1)
+    model.scale = torch.full((4,), float(rank()))  # a buffer replaced by a new tensor
+    opt.average()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return {"state": state, "rounds": opt.averaging_rounds}
+
+
+def test_mixed_dtypes_complex_and_replaced_buffers(ranks: Any) -> None:
+    r0, r1 = ranks.run(_mixed_dtypes)
+    assert r0["rounds"] == r1["rounds"] == 1
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    torch.testing.assert_close(r0["state"]["scale"], torch.full((4,), 0.5))
+    assert r0["state"]["half.weight"].dtype == torch.bfloat16
+    assert r0["state"]["rotation"].dtype == torch.complex64
+
+
+def _dtensor_model() -> tuple[str, str]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = nn.Linear(4, 4)
+    model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Shard(0)]))
+    return raised(LocalSGDOptimizer, torch.optim.SGD(model.parameters(), lr=0.1), model, 2)
+
+
+def test_sharded_models_are_rejected(ranks: Any) -> None:
+    for type_name, message in ranks.run(_dtensor_model, timeout=60):
+        assert type_name == "TypeError", message
+        assert "parameter 'weight' is a DTensor" in message
