@@ -121,6 +121,9 @@ def main() -> None:
             flush=True,
         )
     if distributed:
+        # Without a barrier, a rank that tears down its connections while the other still
+        # finishes the last collective can make gloo abort the other process at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

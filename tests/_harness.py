@@ -10,6 +10,7 @@ traceback. Results are pickled in the worker and returned to the parent, which m
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import pickle
@@ -68,6 +69,10 @@ def _worker_main(rank: int, world_size: int, tasks: Any, results: Any) -> None:
             )
         finally:
             if dist.is_initialized():
+                # Tearing down while a peer still finishes its last collective can make gloo
+                # abort that peer; the barrier lets every rank finish first.
+                with contextlib.suppress(Exception):
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
