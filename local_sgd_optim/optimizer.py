@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
@@ -31,9 +32,14 @@ _SETTINGS = ("period", "accumulation_steps", "average_buffers")
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """``value`` as an int (NumPy integers welcome) if it is one >= 1, else a ValueError."""
+    try:
+        as_int = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        as_int = 0
+    if isinstance(value, bool) or as_int < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return as_int
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -51,7 +57,8 @@ def _validate_arguments(
     broadcast_initial: object,
     enabled: object,
     process_group: object,
-) -> None:
+) -> tuple[int, int]:
+    """Raise on bad input; return ``period`` and ``accumulation_steps`` as ints."""
     if isinstance(base_optimizer, LocalSGDOptimizer):
         raise TypeError(
             "base_optimizer is already a LocalSGDOptimizer; wrap the underlying optimizer "
@@ -63,8 +70,8 @@ def _validate_arguments(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _check_positive_int("period", period)
-    _check_positive_int("accumulation_steps", accumulation_steps)
+    period = _check_positive_int("period", period)
+    accumulation_steps = _check_positive_int("accumulation_steps", accumulation_steps)
     _check_bool("average_buffers", average_buffers)
     _check_bool("broadcast_initial", broadcast_initial)
     _check_bool("enabled", enabled)
@@ -105,6 +112,7 @@ def _validate_arguments(
             "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
             "Wrap a DDP model without register_comm_hook()"
         )
+    return period, accumulation_steps
 
 
 def _sharded_parameter(model: nn.Module) -> str | None:
@@ -208,7 +216,9 @@ class LocalSGDOptimizer(Optimizer):
             is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer, or
             ``base_optimizer`` holds parameters that are not in ``model``.
-        RuntimeError: the ranks' models or settings differ (same message on every rank).
+        TypeError: ``model`` is sharded (FSDP, DTensor parameters).
+        RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
+            DDP ``model`` already has a communication hook.
 
     Example::
 
@@ -238,7 +248,7 @@ class LocalSGDOptimizer(Optimizer):
         enabled: bool = True,
     ) -> None:
         try:
-            _validate_arguments(
+            period, accumulation_steps = _validate_arguments(
                 base_optimizer,
                 model,
                 period,

@@ -324,3 +324,16 @@ def test_rejects_bad_types_and_foreign_parameters() -> None:
     mixed = torch.optim.SGD(list(model.parameters()) + list(other.parameters()), lr=0.1)
     with pytest.raises(ValueError, match="holds 2 parameter\\(s\\) that are not parameters of"):
         LocalSGDOptimizer(mixed, model, period=2)
+
+
+def test_accepts_numpy_integers() -> None:
+    np = pytest.importorskip("numpy")
+    model = mlp()
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        period=np.int64(4),
+        accumulation_steps=np.int32(2),
+    )
+    assert (opt.period, opt.accumulation_steps) == (4, 2)
+    assert type(opt.period) is int
