@@ -9,6 +9,7 @@ values are copied into the flat buffer and back, never re-pointed or aliased int
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable, Sequence
 
@@ -38,10 +39,19 @@ def group_rank(process_group: dist.ProcessGroup | None) -> int:
     return dist.get_rank(process_group)
 
 
-def collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
-    """The device small bookkeeping tensors must live on for ``process_group``'s backend."""
+def collective_device(
+    process_group: dist.ProcessGroup | None, preferred: torch.device | None = None
+) -> torch.device:
+    """The device small bookkeeping tensors must live on for ``process_group``'s backend.
+
+    For a CUDA-only backend (NCCL) that is ``preferred`` (the model's GPU) when it is a CUDA
+    device, else the current CUDA device; ranks that never called ``torch.cuda.set_device``
+    would otherwise all pick GPU 0.
+    """
     backend = str(dist.get_backend(process_group)).lower()
     if "nccl" in backend and "cpu:" not in backend and torch.cuda.is_available():
+        if preferred is not None and preferred.type == "cuda":
+            return preferred
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -132,16 +142,20 @@ def _digest(lines: Sequence[str]) -> int:
 
 
 def exchange_descriptions(
-    lines: Sequence[str], process_group: dist.ProcessGroup | None, error: str | None = None
+    lines: Sequence[str],
+    process_group: dist.ProcessGroup | None,
+    error: str | None = None,
+    device: torch.device | None = None,
 ) -> list[tuple[str | None, list[str]]] | None:
     """Compare a description (one line per tensor or setting) across ranks, with local errors.
 
     The common case costs one all-gather of three integers per rank. Only when a rank reports an
     ``error`` or the fingerprints differ is every rank's ``(error, lines)`` gathered, so that
     every rank can name the problem; that list is returned. ``None`` means all ranks agree.
+    ``device`` is the model's device, used for the collective's tensors where the backend needs.
     """
     world = group_size(process_group)
-    device = collective_device(process_group)
+    device = collective_device(process_group, device)
     mine = torch.tensor(
         [int(error is not None), len(lines), _digest(lines)], dtype=torch.int64, device=device
     )
@@ -151,5 +165,7 @@ def exchange_descriptions(
     if all(f == fingerprints[0] and f[0] == 0 for f in fingerprints):
         return None
     everyone: list[tuple[str | None, list[str]] | None] = [None] * world
-    dist.all_gather_object(everyone, (error, list(lines)), group=process_group)
+    # all_gather_object stages its bytes on the current CUDA device when the backend is NCCL.
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        dist.all_gather_object(everyone, (error, list(lines)), group=process_group)
     return [entry if entry is not None else (None, []) for entry in everyone]

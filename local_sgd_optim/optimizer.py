@@ -134,6 +134,13 @@ def _sharded_parameter(model: nn.Module) -> str | None:
     return None
 
 
+def _first_device(model: object) -> torch.device | None:
+    """The device of ``model``'s first parameter, where there is one."""
+    if isinstance(model, nn.Module):
+        return next((p.device for p in model.parameters()), None)
+    return None
+
+
 def _could_communicate(process_group: object, enabled: object) -> bool:
     """Whether this rank would have joined the construction-time collective."""
     return (
@@ -263,12 +270,14 @@ class LocalSGDOptimizer(Optimizer):
             # collective: join it with the error so that every rank raises instead of hanging.
             if _could_communicate(process_group, enabled):
                 self._process_group = process_group
+                self._device = _first_device(model)
                 self._agree_across_ranks([], error=f"{type(problem).__name__}: {problem}")
             raise
 
         self._base = base_optimizer
         self._model = model
         self._process_group = process_group
+        self._device = _first_device(model)
         self._period = period
         self._accumulation_steps = accumulation_steps
         self._average_buffers = average_buffers
@@ -497,7 +506,7 @@ class LocalSGDOptimizer(Optimizer):
 
     def _agree_across_ranks(self, lines: list[str], error: str | None = None) -> None:
         """Raise the same error on every rank if any rank failed or the descriptions differ."""
-        everyone = exchange_descriptions(lines, self._process_group, error)
+        everyone = exchange_descriptions(lines, self._process_group, error, self._device)
         if everyone is None:
             return
         failed = [(r, e) for r, (e, _) in enumerate(everyone) if e is not None]
