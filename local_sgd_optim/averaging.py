@@ -70,10 +70,18 @@ class _FlatGroup:
             offset += t.numel()
 
     def pack(self) -> None:
-        torch._foreach_copy_(self.views, self.tensors)
+        _copy_all(self.views, self.tensors)
 
     def unpack(self) -> None:
-        torch._foreach_copy_(self.tensors, self.views)
+        _copy_all(self.tensors, self.views)
+
+
+def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(destinations, sources)
+    else:  # pragma: no cover - torch builds without the fused copy
+        for destination, source in zip(destinations, sources):
+            destination.copy_(source)
 
 
 def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[_FlatGroup]:
