@@ -465,3 +465,34 @@ def test_sharded_models_are_rejected(ranks: Any) -> None:
     for type_name, message in ranks.run(_dtensor_model, timeout=60):
         assert type_name == "TypeError", message
         assert "parameter 'weight' is a DTensor" in message
+
+
+class _TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.head_a = nn.Linear(8, 3)
+        self.head_b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        return self.head_b(h) if use_b else self.head_a(h)
+
+
+def _gradient_sets_differ() -> dict[str, Any]:
+    """Rank 1 never uses head_a, so its head_a.grad stays None: PyTorch's averager aborts on
+    such ranks with a size mismatch; every trainable parameter must be averaged regardless."""
+    torch.manual_seed(rank())
+    model = _TwoHeads()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    for i in range(2):
+        x, y = batch(rank(), i)
+        nn.functional.cross_entropy(model(x, use_b=rank() == 1), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"params": flat_params(model)}
+
+
+def test_ranks_with_different_gradient_sets_still_average_everything(ranks: Any) -> None:
+    r0, r1 = ranks.run(_gradient_sets_differ)
+    assert torch.equal(r0["params"], r1["params"])
