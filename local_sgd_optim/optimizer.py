@@ -33,13 +33,15 @@ _SETTINGS = ("period", "accumulation_steps", "average_buffers")
 
 def _check_positive_int(name: str, value: object) -> int:
     """``value`` as an int (NumPy integers welcome) if it is one >= 1, else a ValueError."""
-    try:
-        as_int = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        as_int = 0
-    if isinstance(value, bool) or as_int < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return as_int
+    if not isinstance(value, bool):
+        try:
+            as_int = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if as_int >= 1:
+                return as_int
+    raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -219,11 +221,10 @@ class LocalSGDOptimizer(Optimizer):
             accumulation still applied (default: ``True``).
 
     Raises:
-        TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module, or a flag
-            is not a bool.
+        TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
+            sharded (FSDP, DTensor parameters), or a flag is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer, or
             ``base_optimizer`` holds parameters that are not in ``model``.
-        TypeError: ``model`` is sharded (FSDP, DTensor parameters).
         RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
             DDP ``model`` already has a communication hook.
 
