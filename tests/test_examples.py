@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_minimal_example_under_torchrun() -> None:
@@ -32,6 +33,11 @@ def test_minimal_example_under_torchrun() -> None:
         "40",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout:
+        # torch 2.14's gloo can abort a finished process at interpreter exit, after the script
+        # has completed (pytorch/pytorch#179291); seen in about 1 of 40 runs here. Run once more:
+        # the assertions below still need a clean exit from one run.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, proc.stdout
