@@ -1,0 +1,139 @@
+"""Hugging Face Accelerate support: :func:`prepare_local_sgd`, a drop-in ``accelerator.prepare``.
+
+``accelerate`` is an optional dependency (``pip install "local_sgd_optim[accelerate]"``); this
+module imports without it, and :func:`prepare_local_sgd` only calls methods of the accelerator
+it is given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from local_sgd_optim.optimizer import LocalSGDOptimizer, _keep_gradients_local
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+__all__ = ["prepare_local_sgd"]
+
+
+def prepare_local_sgd(
+    accelerator: Accelerator, *args: Any, device_placement: list[bool] | None = None
+) -> Any:
+    """``accelerator.prepare(*args)`` that keeps gradients local for every ``LocalSGDOptimizer``.
+
+    ``accelerator.prepare`` wraps the model in
+    :class:`~torch.nn.parallel.DistributedDataParallel` in multi-process runs, after the
+    :class:`~local_sgd_optim.LocalSGDOptimizer` was built on the plain model, so that DDP would
+    all-reduce gradients at every optimizer step and Local SGD would silently become data
+    parallel training. This function calls ``accelerator.prepare`` with the same arguments and
+    then, for each ``LocalSGDOptimizer`` among them, finds the DDP wrapper (also under
+    ``torch.compile``) around its model, among the returned objects or the models the
+    accelerator prepared earlier, and switches it to local gradients: a communication hook that
+    does not communicate, and no per-forward buffer broadcast (buffers are averaged at rounds).
+    Objects of any other kind are prepared exactly as ``accelerator.prepare`` does.
+
+    Let Accelerate accumulate gradients (``Accelerator(gradient_accumulation_steps=...)`` with
+    ``accelerator.accumulate(model)``) and keep ``accumulation_steps=1`` on the
+    ``LocalSGDOptimizer``: Accelerate calls ``step()`` once per real optimizer step, so
+    ``period`` counts real optimizer steps, never micro-batches.
+
+    The returned optimizer is Accelerate's ``AcceleratedOptimizer``, which does not forward
+    :meth:`~local_sgd_optim.LocalSGDOptimizer.average`, ``close()``, ``with`` or the counters:
+    keep a reference to the ``LocalSGDOptimizer`` for those.
+
+    Args:
+        accelerator (Accelerator): the ``accelerate.Accelerator`` of the script.
+        *args: what ``accelerator.prepare`` takes: models, optimizers (``LocalSGDOptimizer`` or
+            not), data loaders, schedulers.
+        device_placement (list of bool, optional): passed on to ``accelerator.prepare``.
+
+    Returns:
+        What ``accelerator.prepare(*args)`` returns: the prepared objects in the same order, or
+        the single object when one was given.
+
+    Raises:
+        ValueError: a ``LocalSGDOptimizer`` has ``accumulation_steps > 1`` while the accelerator
+            also accumulates (``gradient_accumulation_steps > 1``): the two would multiply.
+        RuntimeError: the DDP wrapper Accelerate built already has a communication hook (from
+            ``DistributedDataParallelKwargs(comm_hook=...)``).
+
+    Example::
+
+        >>> from accelerate import Accelerator
+        >>> from local_sgd_optim import LocalSGDOptimizer
+        >>> from local_sgd_optim.accelerate import prepare_local_sgd
+        >>> accelerator = Accelerator(gradient_accumulation_steps=4)
+        >>> local_sgd = LocalSGDOptimizer(torch.optim.AdamW(model.parameters()), model, period=8)
+        >>> model, opt, loader = prepare_local_sgd(accelerator, model, local_sgd, loader)
+        >>> with local_sgd:  # a final averaging round at the end
+        ...     for x, y in loader:
+        ...         with accelerator.accumulate(model):
+        ...             accelerator.backward(loss_fn(model(x), y))
+        ...             opt.step()  # Accelerate calls local_sgd.step() once per 4 batches
+        ...             opt.zero_grad()
+    """
+    ours = [obj for obj in args if isinstance(obj, LocalSGDOptimizer)]
+    accumulating = getattr(accelerator, "gradient_accumulation_steps", 1)
+    for opt in ours:
+        if accumulating > 1 and opt.accumulation_steps > 1:
+            raise ValueError(
+                f"the accelerator accumulates gradients over {accumulating} batches and the "
+                f"LocalSGDOptimizer over another {opt.accumulation_steps}; let Accelerate do "
+                "it and build LocalSGDOptimizer with accumulation_steps=1"
+            )
+    if device_placement is None:
+        result = accelerator.prepare(*args)
+    else:
+        result = accelerator.prepare(*args, device_placement=device_placement)
+    prepared = list(result) if isinstance(result, tuple) else [result]
+    candidates = prepared + list(getattr(accelerator, "_models", []))
+    for opt in ours:
+        if opt.world_size > 1:  # disabled or alone: nothing would all-reduce anyway
+            for ddp in _ddp_wrappers_of(opt.model, candidates):
+                _keep_ddp_gradients_local(ddp)
+    return result
+
+
+def _wrapper_chain(module: nn.Module) -> list[nn.Module]:
+    """``module`` and what it wraps: DDP's ``.module``, ``torch.compile``'s ``._orig_mod``."""
+    chain = [module]
+    while True:
+        inner = getattr(chain[-1], "_orig_mod", None)
+        if isinstance(chain[-1], DistributedDataParallel):
+            inner = chain[-1].module
+        if not isinstance(inner, nn.Module) or any(inner is m for m in chain):
+            return chain
+        chain.append(inner)
+
+
+def _ddp_wrappers_of(model: nn.Module, candidates: list[Any]) -> list[DistributedDataParallel]:
+    """The DDP modules among ``candidates`` (and their wrapped modules) that wrap ``model``."""
+    targets = _wrapper_chain(model)
+    found: list[DistributedDataParallel] = []
+    for candidate in candidates:
+        if not isinstance(candidate, nn.Module):
+            continue
+        chain = _wrapper_chain(candidate)
+        if not any(m is t for m in chain for t in targets):
+            continue
+        for m in chain:
+            if isinstance(m, DistributedDataParallel) and not any(m is d for d in found):
+                found.append(m)
+    return found
+
+
+def _keep_ddp_gradients_local(ddp: DistributedDataParallel) -> None:
+    hooks = [hook for hook, _ in ddp._comm_hooks]
+    if any(hook is _keep_gradients_local for hook in hooks):
+        return  # LocalSGDOptimizer was built on this DDP model and installed it already
+    if hooks:
+        raise RuntimeError(
+            "the DistributedDataParallel model that Accelerate built already has a "
+            "communication hook; LocalSGDOptimizer must install its own to keep gradients "
+            "local between rounds. Drop comm_hook from DistributedDataParallelKwargs"
+        )
+    LocalSGDOptimizer._detach_from_ddp(ddp)
