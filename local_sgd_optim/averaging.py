@@ -1,23 +1,38 @@
 """How tensors are averaged across ranks.
 
 :class:`LocalSGDOptimizer` decides *when* a round happens; this module decides *how* the bytes move.
-Tensors are grouped by (device, dtype) and each group is packed into one flat buffer that is
-allocated once and reused, so a round costs one collective per group rather than one per tensor
-(each gloo collective carries milliseconds of fixed latency). Parameters keep their own storage:
-values are copied into the flat buffer and back, never re-pointed or aliased into it.
+
+Tensors are grouped by (device, dtype) and cut into buckets of about ``bucket_cap_mb``; a tensor
+larger than a bucket is split across several. Each bucket is copied into a wire buffer taken from
+a small pool allocated once, all-reduced with ``async_op=True`` and copied back, so packing,
+communicating and unpacking of consecutive buckets overlap, and a round costs one collective per
+bucket rather than one per tensor (each gloo collective carries milliseconds of fixed latency).
+Parameters keep their own storage: values are copied into the wire buffers and back, never
+re-pointed or aliased into them.
+
+With a 16-bit ``comm_dtype``, ranks exchange the *delta* since the last round (the tensor minus a
+full-precision copy of the last averaged values) in 16 bits and add the averaged delta to that
+copy, so the rounding error scales with how far the tensors moved, not with their magnitude.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__: list[str] = []
+__all__ = ["BucketedAverager", "CommStats"]
+
+_MB = 1024 * 1024
+# Two wire buffers per device: one bucket is packed (or unpacked) while the other is in flight.
+_POOL_SLOTS = 2
+_SUPPORTED_COMM_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _as_real(tensor: Tensor) -> Tensor:
@@ -56,24 +71,19 @@ def collective_device(
     return torch.device("cpu")
 
 
-class _FlatGroup:
-    """The tensors of one (device, dtype) and a flat buffer with a shaped view for each."""
-
-    def __init__(self, tensors: list[Tensor]) -> None:
-        self.tensors = tensors
-        total = sum(t.numel() for t in tensors)
-        self.flat = torch.empty(total, dtype=tensors[0].dtype, device=tensors[0].device)
-        self.views: list[Tensor] = []
-        offset = 0
-        for t in tensors:
-            self.views.append(self.flat[offset : offset + t.numel()].view(t.shape))
-            offset += t.numel()
-
-    def pack(self) -> None:
-        _copy_all(self.views, self.tensors)
-
-    def unpack(self) -> None:
-        _copy_all(self.tensors, self.views)
+def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
+    """``comm_dtype`` if it is ``None``, ``torch.bfloat16`` or ``torch.float16``, else raise."""
+    if comm_dtype is None or comm_dtype in _SUPPORTED_COMM_DTYPES:
+        return comm_dtype
+    if not isinstance(comm_dtype, torch.dtype):
+        raise TypeError(
+            f"comm_dtype must be None, torch.bfloat16 or torch.float16, got "
+            f"{type(comm_dtype).__name__}"
+        )
+    raise ValueError(
+        f"comm_dtype must be None (full precision), torch.bfloat16 or torch.float16, got "
+        f"{comm_dtype}"
+    )
 
 
 def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:
@@ -84,63 +94,505 @@ def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:
             destination.copy_(source)
 
 
-def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[_FlatGroup]:
-    buckets: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+def _shaped_views(flat: Tensor, sources: list[Tensor]) -> list[Tensor]:
+    """Consecutive slices of the 1-D ``flat``, shaped like ``sources``."""
+    views = []
+    offset = 0
+    for source in sources:
+        views.append(flat[offset : offset + source.numel()].view(source.shape))
+        offset += source.numel()
+    return views
+
+
+@dataclass
+class CommStats:
+    """What averaging has cost this rank so far.
+
+    Attributes:
+        rounds (int): averaging rounds that communicated.
+        bytes_communicated (int): payload bytes this rank contributed to all-reduces (a ring
+            all-reduce moves about twice that over each rank's link).
+        comm_seconds (float): time the training thread spent blocked waiting on communication.
+        round_seconds (float): time the training thread spent in rounds, packing and unpacking
+            included (communication that overlaps compute is not counted).
+    """
+
+    rounds: int = 0
+    bytes_communicated: int = 0
+    comm_seconds: float = 0.0
+    round_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {
+            "rounds": self.rounds,
+            "bytes_communicated": self.bytes_communicated,
+            "comm_seconds": self.comm_seconds,
+            "round_seconds": self.round_seconds,
+        }
+
+
+@dataclass(eq=False)
+class _Bucket:
+    """A run of consecutive (slices of) tensors of one device and dtype, sent as one collective."""
+
+    device: torch.device
+    dtype: torch.dtype
+    wire_dtype: torch.dtype
+    sources: list[Tensor]  # 1-D slices of contiguous tensors, or whole non-contiguous tensors
+    numel: int
+    group: int  # index of its (device, dtype) group, for the flat full-precision copy
+    group_offset: int
+    wire: Tensor = field(init=False)
+    wire_views: list[Tensor] = field(init=False)
+    scratch: Tensor | None = field(default=None, init=False)  # deltas: full precision staging
+    scratch_views: list[Tensor] = field(default_factory=list, init=False)
+    sent: Tensor | None = field(default=None, init=False)  # overlap: what this rank sent
+    sent_views: list[Tensor] = field(default_factory=list, init=False)
+    anchor: Tensor | None = field(default=None, init=False)  # deltas: last averaged values
+    anchor_views: list[Tensor] = field(default_factory=list, init=False)
+
+    @property
+    def delta(self) -> bool:
+        return self.wire_dtype != self.dtype
+
+    @property
+    def wire_bytes(self) -> int:
+        return self.numel * self.wire_dtype.itemsize
+
+
+def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         real = _as_real(tensor)
         if real.numel() == 0:
             continue
-        buckets.setdefault((real.device, real.dtype), []).append(real)
+        groups.setdefault((real.device, real.dtype), []).append(real)
     # A fixed order of groups keeps the sequence of collectives identical on every rank.
-    ordered = sorted(buckets.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
-    return [_FlatGroup(group) for _, group in ordered]
+    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
+    return [group for _, group in ordered]
 
 
-class TensorAverager:
-    """Averages a fixed list of tensors in place across ``process_group``.
+def _wire_dtype(dtype: torch.dtype, comm_dtype: torch.dtype | None) -> torch.dtype:
+    # Only tensors wider than comm_dtype gain from deltas; 16-bit tensors travel as they are.
+    if comm_dtype is not None and dtype.is_floating_point and dtype.itemsize > comm_dtype.itemsize:
+        return comm_dtype
+    return dtype
 
-    Memory: one flat buffer per (device, dtype) group, together the size of the averaged
-    tensors, allocated at construction and reused by every round.
+
+def _cut_into_buckets(
+    groups: list[list[Tensor]], cap_bytes: int, comm_dtype: torch.dtype | None
+) -> list[_Bucket]:
+    buckets: list[_Bucket] = []
+    for g, tensors in enumerate(groups):
+        dtype, device = tensors[0].dtype, tensors[0].device
+        wire_dtype = _wire_dtype(dtype, comm_dtype)
+        cap = max(1, cap_bytes // wire_dtype.itemsize)
+        runs: list[list[Tensor]] = [[]]
+        filled = 0
+        for tensor in tensors:
+            if not tensor.is_contiguous():
+                # Cannot be sliced without a copy: it travels whole, alone if it is large.
+                if filled and filled + tensor.numel() > cap:
+                    runs.append([])
+                    filled = 0
+                runs[-1].append(tensor)
+                filled += tensor.numel()
+                continue
+            flat = tensor.view(-1)
+            start = 0
+            while start < flat.numel():
+                if filled >= cap:
+                    runs.append([])
+                    filled = 0
+                take = min(cap - filled, flat.numel() - start)
+                runs[-1].append(flat[start : start + take])
+                filled += take
+                start += take
+        offset = 0
+        for run in runs:
+            numel = sum(t.numel() for t in run)
+            if numel:
+                buckets.append(_Bucket(device, dtype, wire_dtype, run, numel, g, offset))
+                offset += numel
+    return buckets
+
+
+class BucketedAverager:
+    """Averages a fixed list of tensors in place across ``process_group``, bucket by bucket.
+
+    Memory, allocated at construction and reused by every round (``C`` is ``bucket_cap_mb``):
+
+    - full precision, no overlap: two wire buffers of at most ``C`` each per device;
+    - 16-bit ``comm_dtype``: one full-precision copy of the averaged tensors (the values of the
+      last round, which deltas are taken against), two 16-bit wire buffers of at most ``C``
+      and one full-precision staging buffer of at most ``C * 2`` per device;
+    - ``overlap``: a round stays in flight while training goes on, so every bucket has its own
+      wire buffer and a copy of what this rank sent: two copies of the averaged tensors in the
+      wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``).
+
+    A non-contiguous tensor larger than ``C`` is the one thing that makes a bucket larger.
 
     Args:
         tensors (Sequence[Tensor]): floating-point (or complex) tensors to average in place.
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
+        bucket_cap_mb (float): bucket size in MiB of wire bytes (default: 25).
+        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
+            16-bit deltas; ``None`` sends the tensors in their own dtype (default: ``None``).
+        overlap (bool): rounds are started with :meth:`start` and completed with
+            :meth:`finish`, with training in between (default: ``False``).
+        stats (CommStats, optional): where to add up the cost of rounds (default: a new one).
+
+    Example::
+
+        >>> averager = BucketedAverager(list(model.parameters()), None, bucket_cap_mb=4)
+        >>> averager.average()  # every rank: parameters become the mean over ranks
+
+    .. warning::
+        Every rank must build it from the same shapes and dtypes, and make the same calls.
     """
 
-    def __init__(self, tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        process_group: dist.ProcessGroup | None,
+        *,
+        bucket_cap_mb: float = 25.0,
+        comm_dtype: torch.dtype | None = None,
+        overlap: bool = False,
+        stats: CommStats | None = None,
+    ) -> None:
         self.process_group = process_group
         self.world_size = group_size(process_group)
-        self.groups = _group_by_device_and_dtype(tensors)
-        self.numel = sum(g.flat.numel() for g in self.groups)
-        self.nbytes = sum(g.flat.numel() * g.flat.element_size() for g in self.groups)
+        self.comm_dtype = comm_dtype
+        self.overlap = overlap
+        self.stats = CommStats() if stats is None else stats
+        self._groups = _group_by_device_and_dtype(tensors)
+        cap_bytes = max(1, int(bucket_cap_mb * _MB))
+        self.buckets = _cut_into_buckets(self._groups, cap_bytes, comm_dtype)
+        self.numel = sum(b.numel for b in self.buckets)
+        self.nbytes = sum(b.wire_bytes for b in self.buckets)
+        self._pool: list[Tensor] = []
+        self._previous_user: list[int] = []
+        self._anchors: list[Tensor | None] = [None] * len(self._groups)
+        self._pending: list[dist.Work] | None = None
+        self._allocate()
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        per_device: dict[torch.device, list[int]] = {}
+        for i, bucket in enumerate(self.buckets):
+            per_device.setdefault(bucket.device, []).append(i)
+        self._previous_user = [-1] * len(self.buckets)
+        for device, indices in per_device.items():
+            if self.overlap:
+                for i in indices:
+                    b = self.buckets[i]
+                    b.wire = torch.empty(b.numel, dtype=b.wire_dtype, device=device)
+                    b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=device)
+                    b.sent_views = _shaped_views(b.sent, b.sources)
+            else:
+                slots = min(_POOL_SLOTS, len(indices))
+                size = max(self.buckets[i].wire_bytes for i in indices)
+                pool = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
+                self._pool.extend(pool)
+                for k, i in enumerate(indices):
+                    b = self.buckets[i]
+                    b.wire = pool[k % slots][: b.wire_bytes].view(b.wire_dtype)
+                    if k >= slots:
+                        self._previous_user[i] = indices[k - slots]
+            deltas = [self.buckets[i] for i in indices if self.buckets[i].delta]
+            if deltas:
+                size = max(b.numel * b.dtype.itemsize for b in deltas)
+                scratch = torch.empty(size, dtype=torch.uint8, device=device)
+                for b in deltas:
+                    b.scratch = scratch[: b.numel * b.dtype.itemsize].view(b.dtype)
+                    b.scratch_views = _shaped_views(b.scratch, b.sources)
+        for b in self.buckets:
+            b.wire_views = _shaped_views(b.wire, b.sources)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes this averager allocated for itself (buffers, copies), not counting the tensors."""
+        seen: dict[int, int] = {}
+        for b in self.buckets:
+            for t in (b.wire, b.scratch, b.sent):
+                if t is not None:
+                    storage = t.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
+        for a in self._anchors:
+            if a is not None:
+                seen[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
+        return sum(seen.values())
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the full-precision copy for 16-bit deltas holds the last round's values."""
+        return all(b.anchor is not None for b in self.buckets if b.delta)
+
+    def _set_anchor_storage(self) -> None:
+        for g, tensors in enumerate(self._groups):
+            if self._anchors[g] is None and any(b.delta and b.group == g for b in self.buckets):
+                numel = sum(t.numel() for t in tensors)
+                first = tensors[0]
+                self._anchors[g] = torch.empty(numel, dtype=first.dtype, device=first.device)
+        for b in self.buckets:
+            anchor = self._anchors[b.group]
+            if b.delta and anchor is not None:
+                b.anchor = anchor[b.group_offset : b.group_offset + b.numel]
+                b.anchor_views = _shaped_views(b.anchor, b.sources)
+
+    def anchor_tensors(self) -> list[Tensor]:
+        """The full-precision copies kept for 16-bit deltas, one flat tensor per group."""
+        return [a for a in self._anchors if a is not None] if self.anchored else []
+
+    def load_anchor_tensors(self, anchors: Sequence[Tensor]) -> None:
+        """Restore :meth:`anchor_tensors` from a checkpoint (an empty list: not anchored)."""
+        if not anchors:
+            self._anchors = [None] * len(self._groups)
+            for b in self.buckets:
+                b.anchor, b.anchor_views = None, []
+            return
+        self._set_anchor_storage()
+        mine = [a for a in self._anchors if a is not None]
+        if len(anchors) != len(mine) or any(
+            a.numel() != b.numel() or a.dtype != b.dtype for a, b in zip(anchors, mine)
+        ):
+            raise ValueError(
+                "the checkpoint's full-precision copy for comm_dtype does not match this model "
+                f"({[(tuple(a.shape), a.dtype) for a in anchors]} against "
+                f"{[(tuple(a.shape), a.dtype) for a in mine]})"
+            )
+        with torch.no_grad():
+            for destination, source in zip(mine, anchors):
+                destination.copy_(source)
+
+    def set_anchor_from_tensors(self) -> None:
+        """Take the tensors' current values as the reference for deltas (ranks must agree)."""
+        if any(b.delta for b in self.buckets):
+            self._set_anchor_storage()
+            with torch.no_grad():
+                for b in self.buckets:
+                    if b.delta:
+                        assert b.anchor is not None
+                        _copy_all(b.anchor_views, b.sources)
+
+    # --- blocking rounds ------------------------------------------------------------------
 
     @torch.no_grad()
     def average(self) -> None:
-        """One averaging round. Every rank of the group must call it."""
-        for group in self.groups:
-            group.pack()
-            dist.all_reduce(group.flat, op=dist.ReduceOp.SUM, group=self.process_group)
-            group.flat.div_(self.world_size)
-            group.unpack()
+        """One averaging round, blocking until the tensors hold the mean over ranks.
+
+        Completes a round started with :meth:`start` first. Every rank of the group must call it.
+        """
+        if self._pending is not None:
+            self.finish()
+        began = time.perf_counter()
+        if any(b.delta for b in self.buckets) and not self.anchored:
+            self._establish_anchor()
+        else:
+            self._pipelined_round()
+        self.stats.rounds += 1
+        self.stats.round_seconds += time.perf_counter() - began
+
+    def _wait(self, work: dist.Work) -> None:
+        began = time.perf_counter()
+        work.wait()
+        self.stats.comm_seconds += time.perf_counter() - began
+
+    def _all_reduce(self, tensor: Tensor) -> dist.Work:
+        self.stats.bytes_communicated += tensor.numel() * tensor.element_size()
+        work = dist.all_reduce(tensor, group=self.process_group, async_op=True)
+        assert work is not None
+        return work
+
+    def _pipelined_round(self) -> None:
+        works: list[dist.Work] = []
+        finished = 0
+        for i, b in enumerate(self.buckets):
+            # The wire buffer is shared with an earlier bucket: that one must be unpacked first.
+            while finished <= self._previous_user[i]:
+                self._wait(works[finished])
+                self._unpack(self.buckets[finished])
+                finished += 1
+            self._pack(b, b.wire, b.wire_views)
+            works.append(self._all_reduce(b.wire))
+        while finished < len(self.buckets):
+            self._wait(works[finished])
+            self._unpack(self.buckets[finished])
+            finished += 1
+
+    def _pack(self, b: _Bucket, wire: Tensor, wire_views: list[Tensor]) -> None:
+        if b.delta:
+            assert b.scratch is not None and b.anchor is not None
+            _copy_all(b.scratch_views, b.sources)
+            torch.sub(b.scratch, b.anchor, out=wire)
+        else:
+            _copy_all(wire_views, b.sources)
+
+    def _unpack(self, b: _Bucket) -> None:
+        if b.delta:
+            assert b.anchor is not None
+            b.anchor.add_(b.wire, alpha=1.0 / self.world_size)
+            _copy_all(b.sources, b.anchor_views)
+        else:
+            b.wire.div_(self.world_size)
+            _copy_all(b.sources, b.wire_views)
+
+    def _establish_anchor(self) -> None:
+        # The first round with 16-bit deltas has nothing to take deltas against: average in full
+        # precision, straight in the storage of the full-precision copy, then keep the result.
+        self._set_anchor_storage()
+        works = []
+        for b in self.buckets:
+            if b.delta:
+                assert b.anchor is not None
+                _copy_all(b.anchor_views, b.sources)
+                works.append(self._all_reduce(b.anchor))
+            else:
+                _copy_all(b.wire_views, b.sources)
+                works.append(self._all_reduce(b.wire))
+            # Without overlap the non-delta wire buffers are shared: finish as we go.
+            if not self.overlap and not b.delta:
+                self._wait(works.pop())
+                self._unpack(b)
+        for work in works:
+            self._wait(work)
+        for b in self.buckets:
+            if b.delta:
+                assert b.anchor is not None
+                b.anchor.div_(self.world_size)
+                _copy_all(b.sources, b.anchor_views)
+            elif self.overlap:
+                self._unpack(b)
+
+    # --- overlapped rounds ----------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Whether a round started with :meth:`start` has not been finished."""
+        return self._pending is not None
+
+    @torch.no_grad()
+    def start(self) -> None:
+        """Snapshot the tensors and start all-reducing the snapshot in the background.
+
+        The first round with 16-bit deltas is completed at once (see :meth:`average`).
+        """
+        if not self.overlap:
+            raise RuntimeError("start() needs a BucketedAverager built with overlap=True")
+        if self._pending is not None:
+            raise RuntimeError("a round is already in flight; finish() it first")
+        if any(b.delta for b in self.buckets) and not self.anchored:
+            self.average()
+            return
+        began = time.perf_counter()
+        works = []
+        for b in self.buckets:
+            assert b.sent is not None
+            self._pack(b, b.sent, b.sent_views)
+            b.wire.copy_(b.sent)
+            works.append(self._all_reduce(b.wire))
+        self._pending = works
+        self.stats.round_seconds += time.perf_counter() - began
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Wait for the round started by :meth:`start` and apply it.
+
+        Each tensor becomes the mean of the snapshots plus this rank's own change since its
+        snapshot. Does nothing when no round is in flight.
+        """
+        if self._pending is None:
+            return
+        began = time.perf_counter()
+        works, self._pending = self._pending, None
+        for work in works:  # empty when pending_state() already waited
+            self._wait(work)
+        for b in self.buckets:
+            self._apply_overlapped(b)
+        self.stats.rounds += 1
+        self.stats.round_seconds += time.perf_counter() - began
+
+    def _apply_overlapped(self, b: _Bucket) -> None:
+        # tensor <- tensor - (what this rank sent) + (mean of what every rank sent); for deltas
+        # the full-precision copy moves by the mean delta as well.
+        assert b.sent is not None
+        scale = 1.0 / self.world_size
+        torch._foreach_sub_(b.sources, b.sent_views)
+        torch._foreach_add_(b.sources, b.wire_views, alpha=scale)
+        if b.delta:
+            assert b.anchor is not None
+            b.anchor.add_(b.wire, alpha=scale)
+
+    def pending_state(self) -> dict[str, list[Tensor]] | None:
+        """A round in flight as tensors (it is waited for first), for a checkpoint."""
+        if self._pending is None:
+            return None
+        for work in self._pending:
+            self._wait(work)
+        self._pending = []  # complete, waiting to be applied
+        return {
+            "received": [b.wire.clone() for b in self.buckets],
+            "sent": [b.sent.clone() for b in self.buckets if b.sent is not None],
+        }
+
+    def load_pending_state(self, state: dict[str, list[Tensor]] | None) -> None:
+        """Restore a round saved by :meth:`pending_state`; :meth:`finish` then applies it."""
+        if state is None:
+            self._pending = None
+            return
+        received, sent = state["received"], state["sent"]
+        if (
+            not self.overlap
+            or len(received) != len(self.buckets)
+            or len(sent) != len(self.buckets)
+            or any(
+                r.numel() != b.numel or s.numel() != b.numel or r.dtype != b.wire_dtype
+                for r, s, b in zip(received, sent, self.buckets)
+            )
+        ):
+            raise ValueError(
+                "the checkpoint's round in flight does not match this model's buckets; resume "
+                "with the same model, comm_dtype, overlap_steps and bucket_cap_mb"
+            )
+        with torch.no_grad():
+            for b, r, s in zip(self.buckets, received, sent):
+                assert b.sent is not None
+                b.wire.copy_(r)
+                b.sent.copy_(s)
+        self._pending = []
 
 
 @torch.no_grad()
-def broadcast_tensors(tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None) -> bool:
+def broadcast_tensors(
+    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0
+) -> bool:
     """Copy the group's rank 0 values of ``tensors`` to every rank, in place.
 
-    Returns whether any of this rank's tensors changed. The flat buffers are temporary.
+    Returns whether any of this rank's tensors changed. Goes bucket by bucket through one
+    temporary buffer of at most ``bucket_cap_mb``.
     """
     src = 0
     if process_group is not None:
         src = dist.get_global_rank(process_group, 0)
     changed = False
-    for group in _group_by_device_and_dtype(tensors):
-        group.pack()
-        dist.broadcast(group.flat, src=src, group=process_group)
+    buckets = _cut_into_buckets(
+        _group_by_device_and_dtype(tensors), max(1, int(bucket_cap_mb * _MB)), None
+    )
+    buffers: dict[torch.device, Tensor] = {}
+    for b in buckets:
+        if b.device not in buffers:
+            size = max(x.wire_bytes for x in buckets if x.device == b.device)
+            buffers[b.device] = torch.empty(size, dtype=torch.uint8, device=b.device)
+        wire = buffers[b.device][: b.wire_bytes].view(b.dtype)
+        views = _shaped_views(wire, b.sources)
+        _copy_all(views, b.sources)
+        dist.broadcast(wire, src=src, group=process_group)
         changed = changed or any(
-            not torch.equal(local, received) for local, received in zip(group.tensors, group.views)
+            not torch.equal(local, received) for local, received in zip(b.sources, views)
         )
-        group.unpack()
+        _copy_all(b.sources, views)
     return changed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
 import warnings
 from collections import OrderedDict
@@ -16,8 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from local_sgd_optim.averaging import (
-    TensorAverager,
+    BucketedAverager,
+    CommStats,
     broadcast_tensors,
+    check_comm_dtype,
     exchange_descriptions,
     group_rank,
     group_size,
@@ -26,9 +30,12 @@ from local_sgd_optim.averaging import (
 __all__ = ["LocalSGDOptimizer"]
 
 _STATE_KEY = "local_sgd"
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 _COUNTERS = ("micro_steps", "optimizer_steps", "averaging_rounds", "last_round_step")
 _SETTINGS = ("period", "accumulation_steps", "average_buffers")
+# Added in version 2; a version 1 checkpoint was taken with their defaults.
+_COMM_SETTINGS = {"bucket_cap_mb": 25.0, "comm_dtype": None, "overlap_steps": 0}
+_COMM_DTYPE_NAMES = {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -42,6 +49,30 @@ def _check_positive_int(name: str, value: object) -> int:
             if as_int >= 1:
                 return as_int
     raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_bucket_cap(value: object) -> float:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and math.isfinite(value) and value > 0:  # type: ignore[arg-type,operator]
+        return float(value)  # type: ignore[arg-type]
+    raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {value!r}")
+
+
+def _check_overlap_steps(value: object, period: int) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}")
+    try:
+        steps = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}") from None
+    if steps < 0:
+        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}")
+    if steps and steps >= period:
+        raise ValueError(
+            f"overlap_steps must be smaller than period, got overlap_steps={steps} with "
+            f"period={period}: a round must land before the next one starts"
+        )
+    return steps
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -59,8 +90,11 @@ def _validate_arguments(
     broadcast_initial: object,
     enabled: object,
     process_group: object,
-) -> tuple[int, int]:
-    """Raise on bad input; return ``period`` and ``accumulation_steps`` as ints."""
+    bucket_cap_mb: object = 25.0,
+    comm_dtype: object = None,
+    overlap_steps: object = 0,
+) -> tuple[int, int, float, torch.dtype | None, int]:
+    """Raise on bad input; return the numeric settings in their canonical types."""
     if isinstance(base_optimizer, LocalSGDOptimizer):
         raise TypeError(
             "base_optimizer is already a LocalSGDOptimizer; wrap the underlying optimizer "
@@ -77,6 +111,9 @@ def _validate_arguments(
     _check_bool("average_buffers", average_buffers)
     _check_bool("broadcast_initial", broadcast_initial)
     _check_bool("enabled", enabled)
+    bucket_cap = _check_bucket_cap(bucket_cap_mb)
+    dtype = check_comm_dtype(comm_dtype)
+    overlap = _check_overlap_steps(overlap_steps, period)
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             "process_group must be a torch.distributed.ProcessGroup or None, "
@@ -114,7 +151,7 @@ def _validate_arguments(
             "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
             "Wrap a DDP model without register_comm_hook()"
         )
-    return period, accumulation_steps
+    return period, accumulation_steps, bucket_cap, dtype, overlap
 
 
 def _sharded_parameter(model: nn.Module) -> str | None:
@@ -193,9 +230,29 @@ class LocalSGDOptimizer(Optimizer):
     What is averaged: every floating-point parameter of ``model`` that requires grad (frozen ones
     are skipped; a parameter unfrozen later joins at the next round), parameters added with
     :meth:`add_param_group`, and floating-point buffers when ``average_buffers``. Integer buffers
-    such as ``num_batches_tracked`` are left alone. A round costs one ``all_reduce`` per
-    (device, dtype) into flat buffers allocated once: extra memory is one copy of the averaged
-    tensors. Parameters keep their own storage.
+    such as ``num_batches_tracked`` are left alone. Parameters keep their own storage.
+
+    How a round moves bytes: tensors are grouped by (device, dtype), cut into buckets of about
+    ``bucket_cap_mb`` and all-reduced asynchronously, so packing, communicating and unpacking of
+    consecutive buckets overlap. Extra memory is bounded by what the options ask for:
+
+    - default (full precision, ``overlap_steps=0``): at most ``2 * bucket_cap_mb`` per device, a
+      pool of two wire buffers reused by every round; no copy of the model;
+    - ``comm_dtype=torch.bfloat16`` or ``torch.float16``: ranks exchange the change since the
+      last round (the *delta*) in 16 bits, so the rounding error scales with the delta, not with
+      the weights. This keeps one full-precision copy of the averaged tensors (the last round's
+      values, identical on every rank) plus about ``4 * bucket_cap_mb``. Tensors already 16-bit
+      travel as they are. The first round (and the first after the set of averaged tensors
+      changes) is in full precision, to set that copy;
+    - ``overlap_steps=k``: a round is started in the background at each ``period`` boundary and
+      applied ``k`` optimizer steps later, so the local steps in between hide it. Each rank then
+      holds the mean of the ranks' snapshots plus its own progress since its snapshot: the
+      average is ``k`` steps stale. ``k`` is fixed, so runs are reproducible and the ranks stay
+      in step. Every bucket of a round in flight has its own buffers: two copies of the
+      averaged tensors in the wire dtype. :meth:`average` and :meth:`close` first complete the
+      round in flight, then run a blocking one, so ranks end bitwise identical.
+
+    ``stats`` reports rounds, bytes sent and time spent waiting on communication.
 
     ``model`` may be a :class:`~torch.nn.parallel.DistributedDataParallel`: its per-step gradient
     all-reduce is replaced by a communication hook that keeps gradients local (whatever the script
@@ -219,12 +276,20 @@ class LocalSGDOptimizer(Optimizer):
             the model, or pass ``False`` when resuming, or the broadcast replaces what was loaded.
         enabled (bool): ``False`` makes the wrapper behave exactly like ``base_optimizer``, with
             accumulation still applied (default: ``True``).
+        bucket_cap_mb (float): size of a communication bucket in MiB (default: 25).
+        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
+            16-bit deltas; ``None`` sends full precision (default: ``None``).
+        overlap_steps (int): apply each round this many optimizer steps after it starts, with
+            the communication running behind those steps; ``0`` blocks at the boundary; must be
+            smaller than ``period`` (default: 0).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
             sharded (FSDP, DTensor parameters), or a flag is not a bool.
-        ValueError: ``period`` or ``accumulation_steps`` is not a positive integer, or
-            ``base_optimizer`` holds parameters that are not in ``model``.
+        ValueError: ``period`` or ``accumulation_steps`` is not a positive integer,
+            ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not a 16-bit float type,
+            ``overlap_steps`` is negative or not below ``period``, or ``base_optimizer`` holds
+            parameters that are not in ``model``.
         RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
             DDP ``model`` already has a communication hook.
 
@@ -254,17 +319,25 @@ class LocalSGDOptimizer(Optimizer):
         process_group: dist.ProcessGroup | None = None,
         broadcast_initial: bool = True,
         enabled: bool = True,
+        bucket_cap_mb: float = 25.0,
+        comm_dtype: torch.dtype | None = None,
+        overlap_steps: int = 0,
     ) -> None:
         try:
-            period, accumulation_steps = _validate_arguments(
-                base_optimizer,
-                model,
-                period,
-                accumulation_steps,
-                average_buffers,
-                broadcast_initial,
-                enabled,
-                process_group,
+            period, accumulation_steps, bucket_cap_mb, comm_dtype, overlap_steps = (
+                _validate_arguments(
+                    base_optimizer,
+                    model,
+                    period,
+                    accumulation_steps,
+                    average_buffers,
+                    broadcast_initial,
+                    enabled,
+                    process_group,
+                    bucket_cap_mb,
+                    comm_dtype,
+                    overlap_steps,
+                )
             )
         except (TypeError, ValueError, RuntimeError) as problem:
             # The other ranks may have valid input and be about to wait for us in the first
@@ -284,13 +357,17 @@ class LocalSGDOptimizer(Optimizer):
         self._average_buffers = average_buffers
         self._broadcast_initial = broadcast_initial
         self._enabled = enabled
+        self._bucket_cap_mb = bucket_cap_mb
+        self._comm_dtype = comm_dtype
+        self._overlap_steps = overlap_steps
+        self._stats = CommStats()
         self._extra_params: list[Tensor] = []
         self._micro_steps = 0
         self._optimizer_steps = 0
         self._averaging_rounds = 0
         self._last_round_step = 0
         self._closed = False
-        self._averager: TensorAverager | None = None
+        self._averager: BucketedAverager | None = None
         self._plan_key: tuple[Hashable, ...] | None = None
         self._init_optimizer_bookkeeping()
 
@@ -303,9 +380,14 @@ class LocalSGDOptimizer(Optimizer):
                 self._detach_from_ddp(model)
             if broadcast_initial:
                 state = list(model.parameters()) + list(model.buffers())
-                self._broadcast_changed_model = broadcast_tensors(state, process_group)
+                self._broadcast_changed_model = broadcast_tensors(
+                    state, process_group, bucket_cap_mb
+                )
                 self._versions_after_broadcast = [t._version for t in state]
             self._build_averager()
+            if broadcast_initial:
+                # Every rank now holds rank 0's values: the reference for 16-bit deltas.
+                self._require_averager().set_anchor_from_tensors()
 
     def _init_optimizer_bookkeeping(self) -> None:
         # Optimizer.__init__ would build param groups of its own; the wrapper shares the base
@@ -384,18 +466,55 @@ class LocalSGDOptimizer(Optimizer):
 
     @property
     def averaging_rounds(self) -> int:
-        """Averaging rounds so far (with a group of one, a round is free but still counted)."""
+        """Averaging rounds so far (with a group of one, a round is free but still counted).
+
+        With ``overlap_steps``, a round counts when it starts.
+        """
         return self._averaging_rounds
+
+    @property
+    def bucket_cap_mb(self) -> float:
+        """Size of a communication bucket in MiB."""
+        return self._bucket_cap_mb
+
+    @property
+    def comm_dtype(self) -> torch.dtype | None:
+        """The 16-bit type deltas travel in, or ``None`` for full precision."""
+        return self._comm_dtype
+
+    @property
+    def overlap_steps(self) -> int:
+        """Optimizer steps between the start of a round and its application."""
+        return self._overlap_steps
+
+    @property
+    def stats(self) -> CommStats:
+        """A snapshot of what averaging has cost this rank: rounds that communicated,
+        ``bytes_communicated``, ``comm_seconds`` spent blocked on communication and
+        ``round_seconds`` spent in rounds altogether. Kept in :meth:`state_dict`.
+
+        Example::
+
+            >>> s = opt.stats
+            >>> print(f"{s.bytes_communicated / 2**20:.1f} MiB in {s.rounds} rounds, "
+            ...       f"{s.comm_seconds:.2f} s waiting")
+        """
+        return dataclasses.replace(self._stats)
 
     @property
     def _communicates(self) -> bool:
         return self._enabled and self._world_size > 1
 
     def __repr__(self) -> str:
+        extra = ""
+        if self._comm_dtype is not None:
+            extra += f", comm_dtype={self._comm_dtype}"
+        if self._overlap_steps:
+            extra += f", overlap_steps={self._overlap_steps}"
         return (
             f"{type(self).__name__}(period={self._period}, "
             f"accumulation_steps={self._accumulation_steps}, world_size={self._world_size}, "
-            f"enabled={self._enabled}, base_optimizer={self._base!r})"
+            f"enabled={self._enabled}{extra}, base_optimizer={self._base!r})"
         )
 
     # --- stepping -------------------------------------------------------------------------
@@ -432,8 +551,13 @@ class LocalSGDOptimizer(Optimizer):
             self._divide_gradients(self._accumulation_steps)
         loss = self._base.step() if closure is None else self._base.step(closure)
         self._optimizer_steps += 1
-        if self._enabled and self._optimizer_steps % self._period == 0:
-            self._round()
+        if self._enabled:
+            if self._round_in_flight and (
+                self._optimizer_steps - self._last_round_step >= self._overlap_steps
+            ):
+                self._require_averager().finish()
+            if self._optimizer_steps % self._period == 0:
+                self._round(blocking=self._overlap_steps == 0)
         return loss
 
     @torch.no_grad()
@@ -472,7 +596,11 @@ class LocalSGDOptimizer(Optimizer):
         added = [p for p in self._base.param_groups[-1]["params"] if id(p) not in known]
         self._extra_params.extend(added)
         if self._communicates and self._broadcast_initial:
-            broadcast_tensors(list(self._base.param_groups[-1]["params"]), self._process_group)
+            broadcast_tensors(
+                list(self._base.param_groups[-1]["params"]),
+                self._process_group,
+                self._bucket_cap_mb,
+            )
 
     # --- averaging ------------------------------------------------------------------------
 
@@ -490,8 +618,24 @@ class LocalSGDOptimizer(Optimizer):
 
     def _build_averager(self) -> None:
         tensors = [t for _, _, t, averaged in self._named_averaged_state() if averaged]
-        self._averager = TensorAverager(tensors, self._process_group)
+        self._averager = BucketedAverager(
+            tensors,
+            self._process_group,
+            bucket_cap_mb=self._bucket_cap_mb,
+            comm_dtype=self._comm_dtype,
+            overlap=self._overlap_steps > 0,
+            stats=self._stats,
+        )
         self._plan_key = self._current_plan_key()
+
+    def _require_averager(self) -> BucketedAverager:
+        if self._averager is None:  # pragma: no cover - built whenever the wrapper communicates
+            raise RuntimeError("LocalSGDOptimizer has no averager on a rank that communicates")
+        return self._averager
+
+    @property
+    def _round_in_flight(self) -> bool:
+        return self._averager is not None and self._averager.pending
 
     def _check_ranks_agree(self) -> None:
         lines = [
@@ -499,6 +643,9 @@ class LocalSGDOptimizer(Optimizer):
             f"setting accumulation_steps={self._accumulation_steps}",
             f"setting average_buffers={self._average_buffers}",
             f"setting broadcast_initial={self._broadcast_initial}",
+            f"setting bucket_cap_mb={self._bucket_cap_mb}",
+            f"setting comm_dtype={self._comm_dtype}",
+            f"setting overlap_steps={self._overlap_steps}",
         ]
         for kind, name, t, averaged in self._named_averaged_state():
             frozen = "" if averaged or kind == "buffer" else ", frozen"
@@ -537,21 +684,27 @@ class LocalSGDOptimizer(Optimizer):
             "Every rank must build the same model and pass the same arguments."
         )
 
-    def _round(self) -> None:
+    def _round(self, blocking: bool = True) -> None:
         if self._communicates:
+            self._require_averager().finish()  # a round in flight lands first
             if self._current_plan_key() != self._plan_key:
                 # Parameters were unfrozen, added or replaced since the last round.
                 self._check_ranks_agree()
                 self._build_averager()
-            assert self._averager is not None
-            self._averager.average()
+            averager = self._require_averager()
+            if blocking:
+                averager.average()
+            else:
+                averager.start()
         self._averaging_rounds += 1
         self._last_round_step = self._optimizer_steps
 
     def average(self) -> None:
-        """Run an averaging round now, outside the ``period`` schedule.
+        """Run a blocking averaging round now, outside the ``period`` schedule.
 
-        Does nothing when disabled. Useful before evaluating or saving a single model.
+        A round in flight (``overlap_steps``) is applied first. Does nothing when disabled.
+        Afterwards every rank holds the same values; useful before evaluating or saving a
+        single model.
 
         .. warning::
             Every rank of the process group must call this at the same point.
@@ -569,7 +722,11 @@ class LocalSGDOptimizer(Optimizer):
         """
         if self._closed:
             return
-        if self._enabled and self._optimizer_steps > self._last_round_step:
+        if self._enabled and (
+            self._optimizer_steps > self._last_round_step or self._round_in_flight
+        ):
+            # Applying a round in flight leaves each rank's own progress in place: the blocking
+            # round after it is what makes the ranks identical.
             self._round()
         self._closed = True
 
@@ -603,12 +760,16 @@ class LocalSGDOptimizer(Optimizer):
         """The base optimizer's state dict plus a ``"local_sgd"`` entry: counters and settings.
 
         Each rank's optimizer state (momentum, Adam moments) differs between rounds: save each
-        rank's own to resume exactly.
+        rank's own to resume exactly. With a 16-bit ``comm_dtype`` the entry also holds the
+        full-precision copy of the last round's values (``"anchor"``), and with
+        ``overlap_steps`` a round in flight is waited for (no new collective) and saved as
+        ``"pending"``, to be applied on schedule after loading. Everything is tensors and plain
+        containers, loadable with ``torch.load(..., weights_only=True)``.
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._base.state_dict()
-        state_dict[_STATE_KEY] = {
+        ours: dict[str, Any] = {
             "version": _STATE_VERSION,
             "micro_steps": self._micro_steps,
             "optimizer_steps": self._optimizer_steps,
@@ -617,8 +778,16 @@ class LocalSGDOptimizer(Optimizer):
             "period": self._period,
             "accumulation_steps": self._accumulation_steps,
             "average_buffers": self._average_buffers,
+            "bucket_cap_mb": self._bucket_cap_mb,
+            "comm_dtype": _COMM_DTYPE_NAMES[self._comm_dtype],
+            "overlap_steps": self._overlap_steps,
             "world_size": self._world_size,
+            "stats": self._stats.as_dict(),
         }
+        if self._averager is not None:
+            ours["anchor"] = [a.clone() for a in self._averager.anchor_tensors()]
+            ours["pending"] = self._averager.pending_state()
+        state_dict[_STATE_KEY] = ours
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -629,12 +798,13 @@ class LocalSGDOptimizer(Optimizer):
         """Load the base optimizer's state, and the counters and settings if present.
 
         A plain optimizer checkpoint (no ``"local_sgd"`` entry) loads with a warning and the
-        counters at zero. Settings (``period``, ``accumulation_steps``, ``average_buffers``) come
-        from the checkpoint, as ``lr`` does for torch optimizers; a warning names any that differ
-        from the constructor's.
+        counters at zero. Settings (``period``, ``accumulation_steps``, ``average_buffers``,
+        ``bucket_cap_mb``, ``comm_dtype``, ``overlap_steps``) come from the checkpoint, as
+        ``lr`` does for torch optimizers; a warning names any that differ from the
+        constructor's.
 
         Raises:
-            ValueError: the ``"local_sgd"`` entry is malformed.
+            ValueError: the ``"local_sgd"`` entry is malformed or does not fit this model.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -649,17 +819,16 @@ class LocalSGDOptimizer(Optimizer):
                 stacklevel=2,
             )
             ours = {name: 0 for name in _COUNTERS}
-            ours.update(
-                period=self._period,
-                accumulation_steps=self._accumulation_steps,
-                average_buffers=self._average_buffers,
-            )
+            ours.update({name: getattr(self, "_" + name) for name in _SETTINGS})
+            ours.update({name: getattr(self, "_" + name) for name in _COMM_SETTINGS})
+            ours["comm_dtype"] = _COMM_DTYPE_NAMES[self._comm_dtype]
         loaded = self._validate_loaded(ours)
         self._base.load_state_dict(state_dict)
 
+        settings = _SETTINGS + tuple(_COMM_SETTINGS)
         changed = [
             f"{name}={loaded[name]!r} (was {getattr(self, '_' + name)!r})"
-            for name in _SETTINGS
+            for name in settings
             if loaded[name] != getattr(self, "_" + name)
         ]
         if changed:
@@ -668,38 +837,97 @@ class LocalSGDOptimizer(Optimizer):
                 + ", ".join(changed),
                 stacklevel=2,
             )
-        for name in _COUNTERS + _SETTINGS:
+        rebuild = any(loaded[name] != getattr(self, "_" + name) for name in _COMM_SETTINGS)
+        for name in _COUNTERS + settings:
             setattr(self, "_" + name, loaded[name])
+        stats = loaded["stats"]
+        assert isinstance(stats, dict)
+        self._stats.__init__(**stats)  # type: ignore[misc]
+        if self._averager is not None:
+            if rebuild:
+                self._build_averager()
+            self._averager.load_anchor_tensors(loaded["anchor"])  # type: ignore[arg-type]
+            self._averager.load_pending_state(loaded["pending"])  # type: ignore[arg-type]
+        elif loaded["pending"] is not None:
+            warnings.warn(
+                "LocalSGDOptimizer.load_state_dict: the checkpoint holds a round in flight, "
+                "but this wrapper does not communicate (one rank, or enabled=False); the "
+                "round is dropped",
+                stacklevel=2,
+            )
         self._closed = False
         self._warn_if_broadcast_replaced_checkpoint()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    @staticmethod
-    def _validate_loaded(ours: object) -> dict[str, int | bool]:
+    def _validate_loaded(self, ours: object) -> dict[str, object]:
+        def bad(what: str) -> ValueError:
+            return ValueError(f"the state dict's 'local_sgd' {what}")
+
         if not isinstance(ours, dict):
             raise ValueError(
                 f"the state dict's 'local_sgd' entry must be a dict, got {type(ours).__name__}"
             )
-        missing = [name for name in _COUNTERS + _SETTINGS if name not in ours]
+        version = ours.get("version", _STATE_VERSION)
+        defaults = dict(_COMM_SETTINGS) if version == 1 else {}
+        missing = [
+            name
+            for name in _COUNTERS + _SETTINGS + tuple(_COMM_SETTINGS)
+            if name not in ours and name not in defaults
+        ]
         if missing:
-            raise ValueError(f"the state dict's 'local_sgd' entry lacks {', '.join(missing)}")
+            raise bad(f"entry lacks {', '.join(missing)}")
         for name in _COUNTERS:
             value = ours[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(
-                    f"the state dict's 'local_sgd' counter {name} must be a non-negative "
-                    f"integer, got {value!r}"
-                )
+                raise bad(f"counter {name} must be a non-negative integer, got {value!r}")
         for name in ("period", "accumulation_steps"):
             _check_positive_int(f"the state dict's 'local_sgd' setting {name}", ours[name])
         _check_bool("the state dict's 'local_sgd' setting average_buffers", ours["average_buffers"])
         if ours["last_round_step"] > ours["optimizer_steps"]:
-            raise ValueError(
-                "the state dict's 'local_sgd' entry is inconsistent: last_round_step "
+            raise bad(
+                "entry is inconsistent: last_round_step "
                 f"{ours['last_round_step']} is after optimizer_steps {ours['optimizer_steps']}"
             )
-        return {name: ours[name] for name in _COUNTERS + _SETTINGS}
+        loaded: dict[str, object] = {name: ours[name] for name in _COUNTERS + _SETTINGS}
+        comm = {name: ours.get(name, defaults.get(name)) for name in _COMM_SETTINGS}
+        try:
+            loaded["bucket_cap_mb"] = _check_bucket_cap(comm["bucket_cap_mb"])
+            loaded["overlap_steps"] = _check_overlap_steps(comm["overlap_steps"], ours["period"])
+        except ValueError as problem:
+            raise bad(f"setting is invalid: {problem}") from None
+        names = {name: dtype for dtype, name in _COMM_DTYPE_NAMES.items()}
+        if comm["comm_dtype"] not in names:
+            raise bad(
+                f"setting comm_dtype must be one of {sorted(map(str, names))}, "
+                f"got {comm['comm_dtype']!r}"
+            )
+        loaded["comm_dtype"] = names[comm["comm_dtype"]]
+        stats = ours.get("stats", {})
+        fields = CommStats().as_dict()
+        if not isinstance(stats, dict) or set(stats) - set(fields):
+            raise bad(f"stats must be a dict with keys {sorted(fields)}, got {stats!r}")
+        if any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in stats.values()
+        ):
+            raise bad(f"stats must hold non-negative numbers, got {stats!r}")
+        loaded["stats"] = {**fields, **stats}
+        anchor = ours.get("anchor", [])
+        if not isinstance(anchor, list) or not all(isinstance(t, Tensor) for t in anchor):
+            raise bad("anchor must be a list of tensors")
+        loaded["anchor"] = anchor
+        pending = ours.get("pending")
+        if pending is not None and not (
+            isinstance(pending, dict)
+            and set(pending) == {"received", "sent"}
+            and all(
+                isinstance(v, list) and all(isinstance(t, Tensor) for t in v)
+                for v in pending.values()
+            )
+        ):
+            raise bad("pending must be None or a dict of 'received' and 'sent' tensor lists")
+        loaded["pending"] = pending
+        return loaded
 
     def _warn_if_broadcast_replaced_checkpoint(self) -> None:
         # A checkpoint taken between rounds holds rank-specific parameters. If the model was
