@@ -337,3 +337,62 @@ def test_accepts_numpy_integers() -> None:
     )
     assert (opt.period, opt.accumulation_steps) == (4, 2)
     assert type(opt.period) is int
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"bucket_cap_mb": 0}, ValueError, "bucket_cap_mb must be a positive number of MiB, got 0"),
+        ({"bucket_cap_mb": float("nan")}, ValueError, "bucket_cap_mb must be a positive number"),
+        ({"bucket_cap_mb": "25"}, ValueError, "bucket_cap_mb must be a positive number"),
+        ({"comm_dtype": torch.float32}, ValueError, "comm_dtype must be None .* got torch.float32"),
+        ({"comm_dtype": "bf16"}, TypeError, "comm_dtype must be None, torch.bfloat16 or .* str"),
+        ({"overlap_steps": -1}, ValueError, "overlap_steps must be a non-negative integer, got -1"),
+        ({"overlap_steps": 1.0}, ValueError, "overlap_steps must be a non-negative integer"),
+        ({"overlap_steps": 4}, ValueError, "overlap_steps must be smaller than period, got"),
+    ],
+)
+def test_rejects_bad_communication_settings(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    model = mlp()
+    with pytest.raises(error, match=message):
+        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"comm_dtype": torch.bfloat16},
+        {"comm_dtype": torch.float16, "overlap_steps": 1},
+        {"overlap_steps": 1, "bucket_cap_mb": 0.001},
+    ],
+)
+def test_communication_settings_change_nothing_on_one_rank(
+    single_rank_group: None, kwargs: dict[str, Any]
+) -> None:
+    expected = _train_reference(OPTIMIZERS["sgd_momentum"], 2, steps=6)
+    got, opt = _train_wrapped(OPTIMIZERS["sgd_momentum"], 2, steps=6, **kwargs)
+    assert torch.equal(got, expected)
+    assert opt.averaging_rounds == 3 and opt.stats.bytes_communicated == 0
+    saved = roundtrip(opt.state_dict())["local_sgd"]
+    assert (
+        saved["comm_dtype"]
+        == {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}[opt.comm_dtype]
+    )
+    assert saved["overlap_steps"] == opt.overlap_steps
+
+
+def test_loads_a_version_one_checkpoint_with_default_communication_settings() -> None:
+    model = mlp()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    old = opt.state_dict()
+    for key in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "stats"):
+        del old["local_sgd"][key]
+    old["local_sgd"]["version"] = 1
+    old["local_sgd"]["optimizer_steps"] = 9
+    opt.load_state_dict(old)
+    assert opt.optimizer_steps == 9 and opt.comm_dtype is None and opt.overlap_steps == 0
+    old["local_sgd"]["version"] = 2  # a version 2 checkpoint must have them
+    with pytest.raises(ValueError, match="lacks bucket_cap_mb, comm_dtype, overlap_steps"):
+        opt.load_state_dict(old)
