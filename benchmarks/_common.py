@@ -1,0 +1,158 @@
+"""Helpers shared by the benchmark scripts: process group, models, timing, tables, the machine.
+
+Not a benchmark itself; each script in this folder imports it from its own directory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import local_sgd_optim
+from local_sgd_optim import LocalSGDOptimizer
+from local_sgd_optim import averaging as _averaging
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the gloo process group that torchrun describes; one compute thread per CPU share.
+
+    Returns:
+        (rank, world size).
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+    # Ranks on one host share its cores; more threads than cores would measure contention.
+    # run_link.sh sets LSGD_BENCH_THREADS when two simulated hosts share this machine's cores.
+    threads = os.environ.get("LSGD_BENCH_THREADS")
+    torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local))
+    # Denormal weights would slow some configurations' arithmetic and not others'.
+    torch.set_flush_denormal(True)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shutdown() -> None:
+    """Barrier, then destroy the group: avoids torch 2.14's exit-time gloo abort (README)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resnet18() -> nn.Module:
+    """torchvision ResNet-18 with 10 classes: 62 parameter tensors, 11.17M parameters."""
+    from torchvision.models import resnet18 as build
+
+    return build(num_classes=10)
+
+
+def mlp() -> nn.Module:
+    """40 ``Linear(256, 256)`` layers with ReLU: 80 parameter tensors, 2.63M parameters."""
+    layers: list[nn.Module] = []
+    for _ in range(40):
+        layers += [nn.Linear(256, 256), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"resnet18": resnet18, "mlp": mlp}
+
+
+def averaged_numel(model: nn.Module, buffers: bool = True) -> int:
+    """Elements that Local SGD averages: trainable float parameters, float buffers."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad and p.is_floating_point())
+    if buffers:
+        n += sum(b.numel() for b in model.buffers() if b.is_floating_point())
+    return n
+
+
+def has_bucketed_averager() -> bool:
+    """Whether ``local_sgd_optim.averaging.BucketedAverager`` exists in this checkout."""
+    return hasattr(_averaging, "BucketedAverager")
+
+
+def optimizer_accepts(*names: str) -> bool:
+    """Whether ``LocalSGDOptimizer`` takes every keyword in ``names``."""
+    params = inspect.signature(LocalSGDOptimizer.__init__).parameters
+    return all(name in params for name in names)
+
+
+def make_bucketed_averager(tensors: Sequence[torch.Tensor], **kwargs: Any) -> Any:
+    """``BucketedAverager(tensors, None, **kwargs)``: the round without the optimizer."""
+    return _averaging.BucketedAverager(list(tensors), None, **kwargs)  # type: ignore[attr-defined]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn: Callable[[], object], repeat: int = 1, barrier: bool = True) -> float:
+    """Seconds per call of ``fn`` over ``repeat`` calls, started together on every rank."""
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table; numbers right-aligned."""
+    align = [
+        "---:" if rows and isinstance(rows[0][i], (int, float)) else "---"
+        for i in range(len(headers))
+    ]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(x: object) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+    return str(x)
+
+
+def machine() -> str:
+    """One line: CPU model, cores, memory, OS, Python, torch, load average now."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(f.readline().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"local_sgd_optim {local_sgd_optim.__version__}; load average {load}"
+    )
+
+
+def ours_note() -> str:
+    """Which of our code paths this checkout offers, for the table's footer."""
+    parts = [
+        "BucketedAverager: "
+        + ("yes" if has_bucketed_averager() else "no (LocalSGDOptimizer.average())"),
+        "comm_dtype: " + ("yes" if optimizer_accepts("comm_dtype") else "no"),
+        "overlap_steps: " + ("yes" if optimizer_accepts("overlap_steps") else "no"),
+    ]
+    return "; ".join(parts)

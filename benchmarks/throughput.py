@@ -1,0 +1,307 @@
+"""Benchmark 2: training throughput, ResNet-18 on CIFAR-shaped batches, every method in one run.
+
+Each rank trains torchvision's ResNet-18 (10 classes) with SGD (momentum 0.9) on random
+CIFAR-shaped batches (32 images of 3x32x32 per rank). Configurations, each on its own copy of
+the model and all in the same processes:
+
+- no communication at all: the compute floor, ``c`` seconds per step;
+- DDP (``DistributedDataParallel``, gradients all-reduced every step);
+- Accelerate ``LocalSGD`` (``Accelerator(cpu=True)``, ``local_sgd_steps=period``), if installed;
+- PyTorch ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` with DDP's
+  ``post_localSGD_hook`` (gradients reduced within a one-rank subgroup, i.e. kept local);
+- ours: ``LocalSGDOptimizer`` fp32, bf16 (``comm_dtype``) and overlap (``overlap_steps``), the
+  last two where this checkout offers them;
+- the floor all-reduce ``f``: one ``all_reduce`` of a preallocated flat fp32 buffer the size of
+  what ours averages (parameters and BatchNorm statistics).
+
+After a warm-up of 12 steps, each repeat times every configuration for ``--window`` steps (a
+multiple of the period, so each window holds the same number of rounds and no overlapped round
+is in flight at its edges), in a rotated order so that noise from other processes hits all
+alike. The table shows medians over repeats, the fp32 bound ``1 / (c + f / period)``, and what
+``local_sgd_optim.plan`` predicts from ``c`` and ``f`` alone.
+
+Over a 1 Gbit/s link (a network namespace, see DEVELOPERS.md; about 5 minutes)::
+
+    bash benchmarks/run_link.sh --rate 1gbit -- benchmarks/throughput.py
+
+Uncapped loopback::
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+# Run from a checkout: this folder for _common, the repository root for local_sgd_optim.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
+import _common  # noqa: E402
+
+from local_sgd_optim import LocalSGDOptimizer, plan  # noqa: E402
+
+WARMUP_STEPS = 12  # a round at step 8 (and, with overlap 2, its landing at 10) is warm-up
+
+
+@dataclass
+class Config:
+    name: str
+    step: Callable[[], None]
+    kind: str  # "none", "ddp", "anchor", "fp32", "bf16", "overlap", "bf16+overlap"
+    close: Callable[[], None] = lambda: None
+    optimizer: LocalSGDOptimizer | None = None  # ours, for opt.stats
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+class Trainer:
+    """One forward-backward on a fixed pool of random batches; the caller steps the optimizer."""
+
+    def __init__(self, batch: int, rank: int) -> None:
+        g = torch.Generator().manual_seed(100 + rank)
+        self.batches = [
+            (
+                torch.randn(batch, 3, 32, 32, generator=g),
+                torch.randint(0, 10, (batch,), generator=g),
+            )
+            for _ in range(4)
+        ]
+        self.i = 0
+        self.loss = nn.CrossEntropyLoss()
+
+    def backward(self, model: nn.Module) -> None:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.loss(model(x), y).backward()
+
+
+def build_configs(base: nn.Module, trainer: Trainer, period: int, overlap: int) -> list[Config]:
+    configs: list[Config] = []
+
+    def plain(
+        model: nn.Module, opt: torch.optim.Optimizer, after: Callable[[], object] | None = None
+    ) -> Callable[[], None]:
+        def step() -> None:
+            trainer.backward(model)
+            opt.step()
+            opt.zero_grad()
+            if after is not None:
+                after()
+
+        return step
+
+    model = copy.deepcopy(base)
+    configs.append(Config("no communication (compute floor)", plain(model, _sgd(model)), "none"))
+
+    ddp = DistributedDataParallel(copy.deepcopy(base))
+    configs.append(Config("DDP", plain(ddp, _sgd(ddp)), "ddp"))
+
+    try:
+        from accelerate import Accelerator
+        from accelerate.local_sgd import LocalSGD
+    except ImportError:
+        pass
+    else:
+        accelerator = Accelerator(cpu=True)
+        acc_model = accelerator.prepare(copy.deepcopy(base))
+        acc_opt = accelerator.prepare(_sgd(acc_model))
+        local_sgd = LocalSGD(accelerator=accelerator, model=acc_model, local_sgd_steps=period)
+        local_sgd.__enter__()  # no_sync for the whole run; its exit would add a final sync
+        configs.append(
+            Config("Accelerate `LocalSGD`", plain(acc_model, acc_opt, local_sgd.step), "anchor")
+        )
+
+    from torch.distributed.algorithms.ddp_comm_hooks.post_localSGD_hook import (
+        PostLocalSGDState,
+        post_localSGD_hook,
+    )
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    # Every rank its own subgroup: after start_localSGD_iter the hook reduces gradients there,
+    # i.e. keeps them local, which is plain local SGD.
+    alone, _ = dist.new_subgroups(group_size=1)
+    pt_model = DistributedDataParallel(copy.deepcopy(base))
+    pt_model.register_comm_hook(
+        PostLocalSGDState(process_group=None, subgroup=alone, start_localSGD_iter=0),
+        post_localSGD_hook,
+    )
+    pt_opt = PostLocalSGDOptimizer(
+        _sgd(pt_model), PeriodicModelAverager(period=period, warmup_steps=0)
+    )
+    configs.append(Config("PyTorch `PostLocalSGDOptimizer`", plain(pt_model, pt_opt), "anchor"))
+
+    variants: list[tuple[str, str, dict[str, object]]] = [("ours fp32", "fp32", {})]
+    if _common.optimizer_accepts("comm_dtype"):
+        variants.append(("ours bf16", "bf16", {"comm_dtype": torch.bfloat16}))
+    if _common.optimizer_accepts("overlap_steps") and overlap > 0:
+        variants.append((f"ours fp32, overlap {overlap}", "overlap", {"overlap_steps": overlap}))
+        if _common.optimizer_accepts("comm_dtype"):
+            variants.append(
+                (
+                    f"ours bf16, overlap {overlap}",
+                    "bf16+overlap",
+                    {"comm_dtype": torch.bfloat16, "overlap_steps": overlap},
+                )
+            )
+    for name, kind, kwargs in variants:
+        model = copy.deepcopy(base)
+        opt = LocalSGDOptimizer(_sgd(model), model, period, **kwargs)  # type: ignore[arg-type]
+        configs.append(Config(name, plain(model, opt), kind, close=opt.close, optimizer=opt))
+    return configs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--period", type=int, default=8)
+    parser.add_argument("--overlap-steps", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32, help="per rank")
+    parser.add_argument("--window", type=int, default=16, help="steps timed per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--floor-reps", type=int, default=3, help="all-reduces per floor sample")
+    parser.add_argument("--link", default="loopback, uncapped", help="for the table's title")
+    args = parser.parse_args()
+    if args.window % args.period:
+        parser.error("--window must be a multiple of --period")
+
+    rank, world = _common.init_distributed()
+    torch.manual_seed(0)
+    base = _common.resnet18()
+    trainer = Trainer(args.batch_size, rank)
+    configs = build_configs(base, trainer, args.period, args.overlap_steps)
+    numel = _common.averaged_numel(base)
+    flat = torch.zeros(numel)
+
+    def floor_sample() -> float:
+        return _common.timed(lambda: dist.all_reduce(flat), args.floor_reps)
+
+    started = time.perf_counter()
+    for config in configs:
+        for _ in range(WARMUP_STEPS):
+            config.step()
+    floor_sample()
+    steps_per_s: dict[str, list[float]] = {c.name: [] for c in configs}
+    floors: list[float] = []
+    slots = len(configs) + 1  # the floor takes a turn in the rotation too
+    for r in range(args.repeats):
+        for slot in [(r + i) % slots for i in range(slots)]:
+            if slot == len(configs):
+                floors.append(floor_sample())
+                continue
+            config = configs[slot]
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(args.window):
+                config.step()
+            dist.barrier()  # the window ends when the slowest rank is done
+            steps_per_s[config.name].append(args.window / (time.perf_counter() - t0))
+        if rank == 0:
+            print(
+                f"repeat {r + 1}/{args.repeats} done, {time.perf_counter() - started:.0f} s",
+                file=sys.stderr,
+            )
+    stats_lines = []
+    for config in configs:
+        stats = getattr(config.optimizer, "stats", None)
+        if stats is not None and getattr(stats, "rounds", 0):
+            stats_lines.append(
+                f"{config.name}: {stats.rounds} rounds, "
+                f"{stats.bytes_communicated / stats.rounds / 1e6:.1f} MB sent per round, "
+                f"{stats.comm_seconds / stats.rounds * 1e3:.0f} ms per round waiting on "
+                "communication (opt.stats, warm-up included)"
+            )
+        config.close()
+
+    rate = {name: _common.median(v) for name, v in steps_per_s.items()}
+    f = _common.median(floors)
+    by_kind = {c.kind: c.name for c in configs}
+    c = 1.0 / rate[by_kind["none"]]
+    bound = 1.0 / (c + f / args.period)
+    anchors = [c.name for c in configs if c.kind in ("ddp", "anchor")]
+    best_anchor = max(rate[n] for n in anchors)
+
+    # The cost model, from c and f alone: f calibrates the link's bandwidth.
+    model_bytes = 4.0 * numel
+    latency = min(plan.DEFAULT_LATENCY_S, f / 2)
+    gbps = plan.effective_gbps(model_bytes, world, f, latency_s=latency)
+    link = {"ranks": world, "gbps": gbps, "latency_s": latency, "bucket_cap_mb": None}
+    predicted: dict[str, float] = {
+        "none": 1.0 / c,
+        "ddp": plan.predict_ddp_steps_per_second(step_seconds=c, model_bytes=model_bytes, **link),  # type: ignore[arg-type]
+    }
+    for kind, bits, k in (
+        ("fp32", 32, 0),
+        ("bf16", 16, 0),
+        ("overlap", 32, args.overlap_steps),
+        ("bf16+overlap", 16, args.overlap_steps),
+    ):
+        predicted[kind] = plan.predict_steps_per_second(
+            step_seconds=c,
+            model_bytes=model_bytes,
+            period=args.period,
+            comm_bits=bits,
+            overlap_steps=k,
+            **link,  # type: ignore[arg-type]
+        )
+
+    rows: list[list[object]] = []
+    for config in configs:
+        r = rate[config.name]
+        p = predicted.get(config.kind)
+        rows.append(
+            [
+                config.name,
+                r,
+                r * c,
+                r / bound,
+                r / best_anchor,
+                "-" if p is None else f"{p:.3g} ({(p - r) / r:+.0%})",
+            ]
+        )
+    if rank == 0:
+        print(
+            f"\nThroughput, ResNet-18, batch {args.batch_size} per rank, {world} ranks, gloo, "
+            f"{args.link}, period {args.period}; median of {args.repeats} interleaved repeats of "
+            f"{args.window} steps\n"
+        )
+        print(
+            _common.markdown_table(
+                [
+                    "method",
+                    "steps/s",
+                    "x compute floor 1/c",
+                    "x fp32 bound",
+                    "x best anchor",
+                    "model predicts",
+                ],
+                rows,
+            )
+        )
+        print(
+            f"\nc = {c * 1e3:.0f} ms per step (no communication); f = {f * 1e3:.0f} ms, one "
+            f"all-reduce of {model_bytes / 1e6:.1f} MB fp32 (calibrates the model: "
+            f"{gbps:.3g} Gbit/s effective); fp32 bound 1/(c + f/{args.period}) = {bound:.3g} "
+            f"steps/s; best anchor {best_anchor:.3g} steps/s"
+        )
+        for line in stats_lines:
+            print(line)
+        print(f"ours: {_common.ours_note()}")
+        print(f"machine: {_common.machine()}")
+    _common.shutdown()
+
+
+if __name__ == "__main__":
+    main()
