@@ -1,0 +1,215 @@
+"""``examples/cifar10.py`` run for real under torchrun on 2 CPU processes, and its plot.
+
+One interrupted run (stopped mid-epoch by ``--max-steps``) is resumed and compared, tensor for
+tensor, with an uninterrupted run of the same length. The runs are shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "cifar10.py"
+_TEARDOWN_ABORT = "terminate called without an active exception"
+
+# A narrow ResNet-18 on 512 synthetic images: 16 images x 2 accumulation steps x 2 ranks, so
+# 8 optimizer steps (16 micro-batches) per epoch and 24 in all.
+COMMON = [
+    "--data", "synthetic", "--synthetic-size", "512", "--width", "8",
+    "--epochs", "3", "--batch-size", "16", "--accumulation-steps", "2",
+    "--period", "4", "--lr", "0.4", "--lr-warmup-epochs", "0.5",
+    "--log-every", "2", "--checkpoint-every", "3", "--keep-checkpoints", "2", "--no-progress",
+]  # fmt: skip
+STOP = 11  # inside epoch 2, 3 optimizer steps (6 micro-batches) in, and between two rounds
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, as in CI
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _run(args: list[str], nproc: int | None = 2) -> subprocess.CompletedProcess[str]:
+    """The example under torchrun on ``nproc`` processes (or plain python when None)."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, *(launcher if nproc else []), str(SCRIPT), *args]
+    out_dir = Path(args[args.index("--out-dir") + 1])
+    snapshot = out_dir.with_name(out_dir.name + ".before")
+    if out_dir.exists():
+        shutil.copytree(out_dir, snapshot)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout:
+        # torch 2.14's gloo can abort a finished process at interpreter exit, after the script
+        # has completed (pytorch/pytorch#179291). Run once more from the same files: the
+        # assertions below still need a clean exit from one run.
+        shutil.rmtree(out_dir)
+        if snapshot.exists():
+            shutil.copytree(snapshot, out_dir)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT
+        )
+    shutil.rmtree(snapshot, ignore_errors=True)
+    return proc
+
+
+def _records(path: Path, kind: str) -> list[dict[str, Any]]:
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["kind"] == kind]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("cifar10")
+    full, part = tmp / "full", tmp / "part"
+    out: dict[str, Any] = {"full": full, "part": part}
+    out["full_proc"] = _run([*COMMON, "--out-dir", str(full)])
+    out["stop_proc"] = _run([*COMMON, "--out-dir", str(part), "--max-steps", str(STOP)])
+    out["stopped_dirs"] = sorted(p.name for p in (part / "checkpoints").iterdir())
+    out["stopped_ckpt"] = tmp / "stopped-ckpt"  # kept aside: the resumed run prunes it
+    shutil.copytree(part / "checkpoints" / f"ckpt-{STOP:06d}", out["stopped_ckpt"])
+    # A crash while checkpointing leaves a directory without its marker: resume must skip it.
+    (part / "checkpoints" / "ckpt-000099").mkdir()
+    (part / "checkpoints" / "ckpt-000099" / "rank0.pt").write_bytes(b"truncated")
+    out["resume_proc"] = _run([*COMMON, "--out-dir", str(part), "--resume"])
+    yield out
+
+
+def _check_ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_runs_learns_and_reports(runs: dict[str, Any]) -> None:
+    proc = runs["full_proc"]
+    _check_ok(proc)
+    train = _records(runs["full"] / "metrics.jsonl", "train")
+    evals = _records(runs["full"] / "metrics.jsonl", "eval")
+    assert [r["step"] for r in train] == list(range(2, 25, 2))
+    # Loss falls: the mean of the last three intervals is well below that of the first three.
+    first = sum(r["loss"] for r in train[:3]) / 3
+    last = sum(r["loss"] for r in train[-3:]) / 3
+    assert last < first - 0.3, [r["loss"] for r in train]
+    assert [r["step"] for r in evals] == [8, 16, 24]
+    assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0]
+    assert evals[-1]["final"] and evals[-1]["test_accuracy"] > 0.3  # chance is 0.1
+    # 24 steps / period 4 = 6 rounds; each sends every parameter and float buffer (fp32) once.
+    assert train[-1]["averaging_rounds"] == 6
+    model = _load(runs["full"] / "final_model.pt")
+    round_bytes = sum(t.numel() * 4 for t in model.values() if t.is_floating_point())
+    assert evals[-1]["bytes_communicated"] == 6 * round_bytes
+    summary = re.search(
+        r"done: local-sgd, 2 rank\(s\), 24 steps \(3\.00 epochs\), 6 averaging rounds, "
+        r"test accuracy (\d\.\d+)",
+        proc.stdout,
+    )
+    assert summary, proc.stdout
+    assert float(summary.group(1)) == pytest.approx(evals[-1]["test_accuracy"], abs=1e-4)
+
+
+def test_checkpoints_are_per_rank_and_complete(runs: dict[str, Any]) -> None:
+    _check_ok(runs["stop_proc"])
+    # Checkpoints at steps 3, 6, 8 (epoch end), 9 and 11 (the stop); only the last two are kept.
+    assert runs["stopped_dirs"] == ["ckpt-000009", "ckpt-000011"]
+    ckpt = runs["stopped_ckpt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "rank0.pt", "rank1.pt"]
+    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 11, "world_size": 2, "epoch": 1}
+    rank0, rank1 = _load(ckpt / "rank0.pt"), _load(ckpt / "rank1.pt")
+    assert (rank0["epoch"], rank0["batches_done"], rank0["step"]) == (1, 6, 11)
+    assert rank0["optimizer"]["local_sgd"]["averaging_rounds"] == 2
+    # Step 11 is 3 steps after the round at step 8: the ranks' models and momentum differ,
+    # which is why every rank saves its own.
+    name = "stem.0.weight"
+    assert not torch.equal(rank0["model"][name], rank1["model"][name])
+    momentum0 = rank0["optimizer"]["state"][0]["momentum_buffer"]
+    assert not torch.equal(momentum0, rank1["optimizer"]["state"][0]["momentum_buffer"])
+
+
+def test_resume_is_exact(runs: dict[str, Any]) -> None:
+    proc = runs["resume_proc"]
+    _check_ok(proc)
+    assert "skipping incomplete checkpoint" in proc.stderr
+    assert "resumed from " in proc.stdout and "ckpt-000011 at step 11" in proc.stdout
+    full, part = runs["full"], runs["part"]
+    # No step repeated or lost: the resumed metrics file logs every step once.
+    steps = [r["step"] for r in _records(part / "metrics.jsonl", "train")]
+    assert steps == [2, 4, 6, 8, 10, STOP, *range(12, 25, 2)]
+    # Bitwise equal to the uninterrupted run: the final averaged model, and each rank's state
+    # before the final round (parameters, momentum, counters) ...
+    a, b = _load(full / "final_model.pt"), _load(part / "final_model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for rank in (0, 1):
+        a = _load(full / "checkpoints" / "ckpt-000024" / f"rank{rank}.pt")
+        b = _load(part / "checkpoints" / "ckpt-000024" / f"rank{rank}.pt")
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        for i, state in a["optimizer"]["state"].items():
+            assert torch.equal(
+                state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"]
+            )
+        ours = [dict(s["optimizer"]["local_sgd"]) for s in (a, b)]
+        for entry in ours:  # timings differ from run to run; counts must not
+            entry["stats"] = {k: v for k, v in entry["stats"].items() if "seconds" not in k}
+        assert ours[0] == ours[1] and ours[0]["stats"]["rounds"] == 6
+        assert a["scheduler"] == b["scheduler"]
+        assert a["bytes_communicated"] == b["bytes_communicated"]
+    # ... and the same numbers in the metrics, for every interval wholly after the resume.
+    keys = ("step", "loss", "accuracy", "lr", "bytes_communicated")
+    after = [
+        [{k: r[k] for k in keys} for r in _records(p / "metrics.jsonl", "train") if r["step"] > 12]
+        for p in (full, part)
+    ]
+    assert after[0] == after[1] and len(after[0]) == 6
+    final = [_records(p / "metrics.jsonl", "eval")[-1] for p in (full, part)]
+    assert final[0]["test_accuracy"] == final[1]["test_accuracy"]
+    assert final[0]["test_loss"] == final[1]["test_loss"]
+
+
+def test_resume_refuses_another_world_size(runs: dict[str, Any]) -> None:
+    _check_ok(runs["resume_proc"])
+    proc = _run([*COMMON, "--out-dir", str(runs["part"]), "--resume"], nproc=None)
+    assert proc.returncode != 0
+    assert "written by 2 rank(s) but this run has 1" in proc.stderr
+    assert "--reshard" in proc.stderr
+    assert "Traceback" not in proc.stderr  # a message for the user, not a crash
+
+
+def test_plot_metrics(runs: dict[str, Any], tmp_path: Path) -> None:
+    _check_ok(runs["resume_proc"])
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from plot_metrics import plot_metrics
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    import matplotlib.image
+
+    output = tmp_path / "comparison.png"
+    paths = [runs["full"] / "metrics.jsonl", runs["part"] / "metrics.jsonl"]
+    figure = plot_metrics(paths, output, labels=["uninterrupted", "resumed"])
+    by_epoch, by_bytes = figure.axes
+    evals = _records(paths[0], "eval")
+    line = by_epoch.get_lines()[0]
+    assert line.get_label() == "uninterrupted"
+    assert list(line.get_xdata()) == [1.0, 2.0, 3.0]
+    assert list(line.get_ydata()) == pytest.approx([100 * r["test_accuracy"] for r in evals])
+    # The interrupted run also evaluated when it stopped at step 11: one more point.
+    assert len(by_epoch.get_lines()[1].get_xdata()) == 4
+    assert list(by_bytes.get_lines()[0].get_xdata()) == pytest.approx(
+        [r["bytes_communicated"] / 1e6 for r in evals]
+    )
+    image = matplotlib.image.imread(output)
+    assert image.shape[:2] == (420, 1100)  # figsize (11, 4.2) at 100 dpi
+    assert (image[..., :3] < 0.5).any() and image[..., :3].std() > 0.05  # drawn, not blank
