@@ -422,18 +422,24 @@ class BucketedAverager:
             self._unpack(self.buckets[finished])
             finished += 1
 
+    # Arithmetic between a 16-bit and a 32-bit tensor takes a slow path on CPU (several times
+    # slower than a copy), so deltas are formed and applied in full precision in the staging
+    # buffer and only cast on the way to and from the wire.
+
     def _pack(self, b: _Bucket, wire: Tensor, wire_views: list[Tensor]) -> None:
         if b.delta:
             assert b.scratch is not None and b.anchor is not None
             _copy_all(b.scratch_views, b.sources)
-            torch.sub(b.scratch, b.anchor, out=wire)
+            b.scratch.sub_(b.anchor)
+            wire.copy_(b.scratch)
         else:
             _copy_all(wire_views, b.sources)
 
     def _unpack(self, b: _Bucket) -> None:
         if b.delta:
-            assert b.anchor is not None
-            b.anchor.add_(b.wire, alpha=1.0 / self.world_size)
+            assert b.scratch is not None and b.anchor is not None
+            b.scratch.copy_(b.wire)
+            b.anchor.add_(b.scratch, alpha=1.0 / self.world_size)
             _copy_all(b.sources, b.anchor_views)
         else:
             b.wire.div_(self.world_size)
@@ -519,11 +525,16 @@ class BucketedAverager:
         # the full-precision copy moves by the mean delta as well.
         assert b.sent is not None
         scale = 1.0 / self.world_size
-        torch._foreach_sub_(b.sources, b.sent_views)
-        torch._foreach_add_(b.sources, b.wire_views, alpha=scale)
         if b.delta:
-            assert b.anchor is not None
-            b.anchor.add_(b.wire, alpha=scale)
+            assert b.scratch is not None and b.anchor is not None
+            b.scratch.copy_(b.wire)
+            b.anchor.add_(b.scratch, alpha=scale)
+            torch._foreach_add_(b.sources, b.scratch_views, alpha=scale)
+            b.scratch.copy_(b.sent)
+            torch._foreach_sub_(b.sources, b.scratch_views)
+        else:
+            torch._foreach_sub_(b.sources, b.sent_views)
+            torch._foreach_add_(b.sources, b.wire_views, alpha=scale)
 
     def pending_state(self) -> dict[str, list[Tensor]] | None:
         """A round in flight as tensors (it is waited for first), for a checkpoint."""
