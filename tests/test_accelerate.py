@@ -1,6 +1,7 @@
 """LocalSGDOptimizer under Hugging Face Accelerate: 2 CPU processes, gloo, multi-CPU mode.
 
-One launch of ``tests/_accelerate_script.py`` under ``torch.distributed.run`` (about 10 s here)
+The adapter's helpers are tested in this process without Accelerate. One launch of
+``tests/_accelerate_script.py`` under ``torch.distributed.run`` (about 10 s here)
 records what every rank saw; the tests below assert on that record. With ``period`` 3 and
 Accelerate's ``gradient_accumulation_steps`` 2, an averaging round is due every 6 micro-batches.
 """
@@ -15,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from _common import mlp
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-pytest.importorskip("accelerate")
+from local_sgd_optim.accelerate import _ddp_wrappers_of, _keep_ddp_gradients_local
 
 ROOT = Path(__file__).resolve().parents[1]
 PERIOD, ACCUMULATION, WINDOWS = 3, 2, 2
@@ -25,6 +29,7 @@ _TEARDOWN_ABORT = "terminate called without an active exception"
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("accelerate")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # multi-CPU mode, gloo
     # The checkout under test, whatever the environment's install of the package points at.
@@ -148,3 +153,32 @@ def test_accumulating_on_both_sides_is_refused(result: dict[str, Any]) -> None:
     message = result["double_accumulation"]
     assert message is not None
     assert "accumulation_steps=1" in message
+
+
+# --- the adapter's helpers, in this process (no Accelerate needed) --------------------------
+
+
+def test_finds_the_ddp_wrapper_through_torch_compile(single_rank_group: None) -> None:
+    model = mlp()
+    ddp = DDP(model)
+    compiled = torch.compile(ddp, backend="eager")  # what Accelerator(dynamo_backend=...) returns
+    others = [object(), mlp(), DDP(mlp())]
+    assert _ddp_wrappers_of(model, [*others, compiled]) == [ddp]
+    assert _ddp_wrappers_of(torch.compile(model, backend="eager"), [compiled]) == [ddp]
+    assert _ddp_wrappers_of(ddp, [compiled, ddp]) == [ddp]
+    assert _ddp_wrappers_of(mlp(), [compiled]) == []
+
+
+def test_keeps_gradients_local_once_and_refuses_a_foreign_hook(single_rank_group: None) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    ddp = DDP(mlp())
+    _keep_ddp_gradients_local(ddp)
+    _keep_ddp_gradients_local(ddp)  # a second call (or one after LocalSGDOptimizer's) is a no-op
+    assert len(ddp._comm_hooks) == 1
+    assert ddp.broadcast_buffers is False
+
+    other = DDP(mlp())
+    other.register_comm_hook(None, allreduce_hook)
+    with pytest.raises(RuntimeError, match="already has a communication hook"):
+        _keep_ddp_gradients_local(other)
