@@ -17,14 +17,15 @@ the model and all in the same processes:
 After a warm-up of 12 steps, each repeat times every configuration for ``--window`` steps (a
 multiple of the period, so each window holds the same number of rounds and no overlapped round
 is in flight at its edges), in a rotated order so that noise from other processes hits all
-alike. The table shows medians over repeats, the fp32 bound ``1 / (c + f / period)``, and what
-``local_sgd_optim.plan`` predicts from ``c`` and ``f`` alone.
+alike. Ratios are taken within each repeat (against that repeat's ``c``, fp32 bound
+``1 / (c + f / period)`` and best anchor), and the table shows their medians over repeats, the
+median steps/s with its range, and what ``local_sgd_optim.plan`` predicts from ``c`` and ``f``.
 
-Over a 1 Gbit/s link (a network namespace, see DEVELOPERS.md; about 5 minutes)::
+Over a 1 Gbit/s link (a network namespace, see DEVELOPERS.md; about 6 minutes)::
 
     bash benchmarks/run_link.sh --rate 1gbit -- benchmarks/throughput.py
 
-Uncapped loopback::
+Uncapped loopback (about 4 minutes)::
 
     torchrun --standalone --nproc_per_node 2 benchmarks/throughput.py
 """
@@ -38,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -164,13 +166,21 @@ def build_configs(base: nn.Module, trainer: Trainer, period: int, overlap: int) 
     return configs
 
 
+def _stats(config: Config) -> tuple[float, float, float] | None:
+    """(rounds, bytes sent, seconds waited) from ``opt.stats``, where ours has it."""
+    stats = getattr(config.optimizer, "stats", None)
+    if stats is None:
+        return None
+    return (float(stats.rounds), float(stats.bytes_communicated), float(stats.comm_seconds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--period", type=int, default=8)
     parser.add_argument("--overlap-steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--window", type=int, default=16, help="steps timed per repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--window", type=int, default=8, help="steps timed per repeat")
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--floor-reps", type=int, default=3, help="all-reduces per floor sample")
     parser.add_argument("--link", default="loopback, uncapped", help="for the table's title")
     args = parser.parse_args()
@@ -193,6 +203,7 @@ def main() -> None:
         for _ in range(WARMUP_STEPS):
             config.step()
     floor_sample()
+    after_warmup = {c.name: _stats(c) for c in configs}
     steps_per_s: dict[str, list[float]] = {c.name: [] for c in configs}
     floors: list[float] = []
     slots = len(configs) + 1  # the floor takes a turn in the rotation too
@@ -215,32 +226,39 @@ def main() -> None:
             )
     stats_lines = []
     for config in configs:
-        stats = getattr(config.optimizer, "stats", None)
-        if stats is not None and getattr(stats, "rounds", 0):
+        now, then = _stats(config), after_warmup[config.name]
+        if now is not None and then is not None and now[0] > then[0]:
+            rounds, sent, waited = (a - b for a, b in zip(now, then))
             stats_lines.append(
-                f"{config.name}: {stats.rounds} rounds, "
-                f"{stats.bytes_communicated / stats.rounds / 1e6:.1f} MB sent per round, "
-                f"{stats.comm_seconds / stats.rounds * 1e3:.0f} ms per round waiting on "
-                "communication (opt.stats, warm-up included)"
+                f"{config.name}: {rounds:.0f} timed rounds, {sent / rounds / 1e6:.1f} MB sent "
+                f"and {waited / rounds * 1e3:.0f} ms waiting on communication per round "
+                "(opt.stats)"
             )
         config.close()
 
-    rate = {name: _common.median(v) for name, v in steps_per_s.items()}
-    f = _common.median(floors)
+    # Ratios are paired within a repeat (each repeat's own c, f and anchors), then the median
+    # is taken: load from other processes that drifts over minutes cancels out.
+    med = _common.median
     by_kind = {c.kind: c.name for c in configs}
-    c = 1.0 / rate[by_kind["none"]]
-    bound = 1.0 / (c + f / args.period)
     anchors = [c.name for c in configs if c.kind in ("ddp", "anchor")]
+    repeats = range(args.repeats)
+    c_r = [1.0 / steps_per_s[by_kind["none"]][r] for r in repeats]
+    bound_r = [1.0 / (c_r[r] + floors[r] / args.period) for r in repeats]
+    anchor_r = [max(steps_per_s[n][r] for n in anchors) for r in repeats]
+    rate = {name: med(v) for name, v in steps_per_s.items()}
+    c, f = med(c_r), med(floors)
+    bound = 1.0 / (c + f / args.period)
     best_anchor = max(rate[n] for n in anchors)
 
     # The cost model, from c and f alone: f calibrates the link's bandwidth.
     model_bytes = 4.0 * numel
     latency = min(plan.DEFAULT_LATENCY_S, f / 2)
     gbps = plan.effective_gbps(model_bytes, world, f, latency_s=latency)
-    link = {"ranks": world, "gbps": gbps, "latency_s": latency, "bucket_cap_mb": None}
+    link: dict[str, Any] = {"ranks": world, "gbps": gbps, "latency_s": latency}
+    link["bucket_cap_mb"] = None
     predicted: dict[str, float] = {
         "none": 1.0 / c,
-        "ddp": plan.predict_ddp_steps_per_second(step_seconds=c, model_bytes=model_bytes, **link),  # type: ignore[arg-type]
+        "ddp": plan.predict_ddp_steps_per_second(step_seconds=c, model_bytes=model_bytes, **link),
     }
     for kind, bits, k in (
         ("fp32", 32, 0),
@@ -254,34 +272,38 @@ def main() -> None:
             period=args.period,
             comm_bits=bits,
             overlap_steps=k,
-            **link,  # type: ignore[arg-type]
+            **link,
         )
 
     rows: list[list[object]] = []
     for config in configs:
-        r = rate[config.name]
+        v = steps_per_s[config.name]
         p = predicted.get(config.kind)
         rows.append(
             [
                 config.name,
-                r,
-                r * c,
-                r / bound,
-                r / best_anchor,
-                "-" if p is None else f"{p:.3g} ({(p - r) / r:+.0%})",
+                rate[config.name],
+                f"{min(v):.3g}-{max(v):.3g}",
+                med([v[r] * c_r[r] for r in repeats]),
+                med([v[r] / bound_r[r] for r in repeats]),
+                med([v[r] / anchor_r[r] for r in repeats]),
+                "-"
+                if p is None
+                else f"{p:.3g} ({(p - rate[config.name]) / rate[config.name]:+.0%})",
             ]
         )
     if rank == 0:
         print(
             f"\nThroughput, ResNet-18, batch {args.batch_size} per rank, {world} ranks, gloo, "
             f"{args.link}, period {args.period}; median of {args.repeats} interleaved repeats of "
-            f"{args.window} steps\n"
+            f"{args.window} steps; ratios paired within each repeat\n"
         )
         print(
             _common.markdown_table(
                 [
                     "method",
                     "steps/s",
+                    "range",
                     "x compute floor 1/c",
                     "x fp32 bound",
                     "x best anchor",
@@ -294,7 +316,7 @@ def main() -> None:
             f"\nc = {c * 1e3:.0f} ms per step (no communication); f = {f * 1e3:.0f} ms, one "
             f"all-reduce of {model_bytes / 1e6:.1f} MB fp32 (calibrates the model: "
             f"{gbps:.3g} Gbit/s effective); fp32 bound 1/(c + f/{args.period}) = {bound:.3g} "
-            f"steps/s; best anchor {best_anchor:.3g} steps/s"
+            f"steps/s; best anchor {best_anchor:.3g} steps/s (medians)"
         )
         for line in stats_lines:
             print(line)
