@@ -1,7 +1,7 @@
 """LocalSGDOptimizer under Hugging Face Accelerate: 2 CPU processes, gloo, multi-CPU mode.
 
 The adapter's helpers are tested in this process without Accelerate. One launch of
-``tests/_accelerate_script.py`` under ``torch.distributed.run`` (about 10 s here)
+``tests/_accelerate_script.py`` under ``torch.distributed.run`` (7-30 s here, with the load)
 records what every rank saw; the tests below assert on that record. With ``period`` 3 and
 Accelerate's ``gradient_accumulation_steps`` 2, an averaging round is due every 6 micro-batches.
 """
