@@ -1,7 +1,8 @@
 """Local SGD as a drop-in :class:`torch.optim.Optimizer`."""
 
+from local_sgd_optim.averaging import CommStats, RoundError
 from local_sgd_optim.optimizer import LocalSGDOptimizer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["LocalSGDOptimizer", "__version__"]
+__all__ = ["CommStats", "LocalSGDOptimizer", "RoundError", "__version__"]

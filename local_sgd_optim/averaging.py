@@ -20,19 +20,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BucketedAverager", "CommStats"]
+__all__ = ["BucketedAverager", "CommStats", "RoundError"]
 
 _MB = 1024 * 1024
 # Two wire buffers per device: one bucket is packed (or unpacked) while the other is in flight.
 _POOL_SLOTS = 2
 _SUPPORTED_COMM_DTYPES = (torch.bfloat16, torch.float16)
+_STEP_DIGITS = 8  # base-16 digits of the step in a round's header: steps below 2**32
+
+
+class RoundError(RuntimeError):
+    """An averaging round could not be applied; raised on every rank of the group alike."""
 
 
 def _as_real(tensor: Tensor) -> Tensor:
@@ -142,11 +149,14 @@ class _Bucket:
     numel: int
     group: int  # index of its (device, dtype) group, for the flat full-precision copy
     group_offset: int
-    wire: Tensor = field(init=False)
-    wire_views: list[Tensor] = field(init=False)
-    scratch: Tensor | None = field(default=None, init=False)  # deltas: full precision staging
+    header_numel: int = 0  # the first bucket of a round also carries the round's header
+    wire: Tensor = field(init=False)  # what is all-reduced: header, then payload
+    payload: Tensor = field(init=False)
+    payload_views: list[Tensor] = field(init=False)
+    scratch: Tensor | None = field(default=None, init=False)  # full precision staging
+    scratch_wire: Tensor | None = field(default=None, init=False)  # header + scratch
     scratch_views: list[Tensor] = field(default_factory=list, init=False)
-    sent: Tensor | None = field(default=None, init=False)  # overlap: what this rank sent
+    sent: Tensor | None = field(default=None, init=False)  # overlap: the payload this rank sent
     sent_views: list[Tensor] = field(default_factory=list, init=False)
     anchor: Tensor | None = field(default=None, init=False)  # deltas: last averaged values
     anchor_views: list[Tensor] = field(default_factory=list, init=False)
@@ -157,7 +167,16 @@ class _Bucket:
 
     @property
     def wire_bytes(self) -> int:
-        return self.numel * self.wire_dtype.itemsize
+        return (self.header_numel + self.numel) * self.wire_dtype.itemsize
+
+    @property
+    def header(self) -> Tensor:
+        return self.wire[: self.header_numel]
+
+    def set_wire(self, wire: Tensor) -> None:
+        self.wire = wire
+        self.payload = wire[self.header_numel :]
+        self.payload_views = _shaped_views(self.payload, self.sources)
 
 
 def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[Tensor]]:
@@ -241,6 +260,13 @@ class BucketedAverager:
         overlap (bool): rounds are started with :meth:`start` and completed with
             :meth:`finish`, with training in between (default: ``False``).
         stats (CommStats, optional): where to add up the cost of rounds (default: a new one).
+        on_nonfinite (str): what a round does when some rank's tensors hold NaN or inf:
+            ``"raise"`` a :class:`RoundError` on every rank, or ``"skip"`` the round with a
+            warning; either way no tensor is changed (default: ``"raise"``).
+
+    Every round checks, inside its first collective, that no rank's tensors hold NaN or inf
+    and that all ranks are at the same ``step``; the check costs one read of the tensors and a
+    header of ``9 * world_size`` numbers on the wire.
 
     Example::
 
@@ -260,21 +286,30 @@ class BucketedAverager:
         comm_dtype: torch.dtype | None = None,
         overlap: bool = False,
         stats: CommStats | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         self.process_group = process_group
         self.world_size = group_size(process_group)
         self.comm_dtype = comm_dtype
         self.overlap = overlap
+        self.on_nonfinite = on_nonfinite
         self.stats = CommStats() if stats is None else stats
         self._groups = _group_by_device_and_dtype(tensors)
+        self._tensors = [t for group in self._groups for t in group]
         cap_bytes = max(1, int(bucket_cap_mb * _MB))
         self.buckets = _cut_into_buckets(self._groups, cap_bytes, comm_dtype)
+        self.header_numel = self.world_size * (1 + _STEP_DIGITS) if self.buckets else 0
+        if self.buckets:
+            self.buckets[0].header_numel = self.header_numel
         self.numel = sum(b.numel for b in self.buckets)
         self.nbytes = sum(b.wire_bytes for b in self.buckets)
         self._pool: list[Tensor] = []
         self._previous_user: list[int] = []
         self._anchors: list[Tensor | None] = [None] * len(self._groups)
         self._pending: list[dist.Work] | None = None
+        self._pending_step = 0
         self._allocate()
 
     # --- memory ---------------------------------------------------------------------------
@@ -288,7 +323,9 @@ class BucketedAverager:
             if self.overlap:
                 for i in indices:
                     b = self.buckets[i]
-                    b.wire = torch.empty(b.numel, dtype=b.wire_dtype, device=device)
+                    b.set_wire(
+                        torch.empty(b.header_numel + b.numel, dtype=b.wire_dtype, device=device)
+                    )
                     b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=device)
                     b.sent_views = _shaped_views(b.sent, b.sources)
             else:
@@ -298,18 +335,19 @@ class BucketedAverager:
                 self._pool.extend(pool)
                 for k, i in enumerate(indices):
                     b = self.buckets[i]
-                    b.wire = pool[k % slots][: b.wire_bytes].view(b.wire_dtype)
+                    b.set_wire(pool[k % slots][: b.wire_bytes].view(b.wire_dtype))
                     if k >= slots:
                         self._previous_user[i] = indices[k - slots]
             deltas = [self.buckets[i] for i in indices if self.buckets[i].delta]
             if deltas:
-                size = max(b.numel * b.dtype.itemsize for b in deltas)
+                # Also the wire of the full-precision round that sets the copy: room for a header.
+                size = max((b.header_numel + b.numel) * b.dtype.itemsize for b in deltas)
                 scratch = torch.empty(size, dtype=torch.uint8, device=device)
                 for b in deltas:
-                    b.scratch = scratch[: b.numel * b.dtype.itemsize].view(b.dtype)
+                    full = scratch[: (b.header_numel + b.numel) * b.dtype.itemsize].view(b.dtype)
+                    b.scratch_wire = full
+                    b.scratch = full[b.header_numel :]
                     b.scratch_views = _shaped_views(b.scratch, b.sources)
-        for b in self.buckets:
-            b.wire_views = _shaped_views(b.wire, b.sources)
 
     @property
     def workspace_bytes(self) -> int:
@@ -374,103 +412,199 @@ class BucketedAverager:
             with torch.no_grad():
                 for b in self.buckets:
                     if b.delta:
-                        assert b.anchor is not None
                         _copy_all(b.anchor_views, b.sources)
+
+    # --- the header: every rank's step and whether its tensors are finite -------------------
+
+    def _local_nonfinite(self) -> bool:
+        if not self._tensors:
+            return False
+        norms = torch._foreach_norm(self._tensors, float("inf"))
+        return not all(bool(torch.isfinite(n)) for n in norms)
+
+    def _write_header(self, header: Tensor, step: int, nonfinite: bool) -> None:
+        # Each rank writes only its own slots and the others add zeros, so every value arrives
+        # exact whatever the wire dtype: the step goes as base-16 digits, exact even in bf16.
+        header.zero_()
+        rank, world = group_rank(self.process_group), self.world_size
+        header[rank] = float(nonfinite)
+        digits = [(step >> (4 * j)) & 15 for j in range(_STEP_DIGITS)]
+        start = world + rank * _STEP_DIGITS
+        header[start : start + _STEP_DIGITS] = torch.tensor(digits, dtype=header.dtype)
+
+    def _read_header(self, header: Tensor) -> tuple[list[int], list[int]]:
+        values = [round(v) for v in header.double().cpu().tolist()]
+        world = self.world_size
+        nonfinite = [r for r in range(world) if values[r]]
+        steps = [
+            sum(values[world + r * _STEP_DIGITS + j] << (4 * j) for j in range(_STEP_DIGITS))
+            for r in range(world)
+        ]
+        return nonfinite, steps
+
+    def _verdict(self, header: Tensor, step: int) -> bool:
+        """Whether the round may be applied; raises (on every rank alike) when it must not."""
+        nonfinite, steps = self._read_header(header)
+        if len(set(steps)) > 1:
+            at = ", ".join(f"rank {r} at step {s}" for r, s in enumerate(steps))
+            raise RoundError(
+                f"ranks are out of step at an averaging round ({at}). Every rank must call "
+                "step() the same number of times; nothing was averaged"
+            )
+        if nonfinite:
+            names = ", ".join(map(str, nonfinite))
+            message = (
+                f"non-finite values (NaN or inf) in the averaged tensors of rank(s) {names} at "
+                f"step {step}; the round was not applied, so no rank's values changed"
+            )
+            if self.on_nonfinite == "raise":
+                raise RoundError(
+                    message + ". Lower the learning rate or clip gradients, or pass "
+                    "on_nonfinite='skip' to skip such rounds with a warning"
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+            return False
+        return True
 
     # --- blocking rounds ------------------------------------------------------------------
 
     @torch.no_grad()
-    def average(self) -> None:
+    def average(self, step: int = 0) -> bool:
         """One averaging round, blocking until the tensors hold the mean over ranks.
 
-        Completes a round started with :meth:`start` first. Every rank of the group must call it.
+        Completes a round started with :meth:`start` first. Every rank of the group must call
+        it, with the same ``step``.
+
+        Returns:
+            Whether the round was applied (``False``: skipped for non-finite values).
+
+        Raises:
+            RoundError: ranks are at different steps, a rank's tensors are not finite (with
+                ``on_nonfinite="raise"``), or the collective failed (a rank exited or timed out).
         """
         if self._pending is not None:
             self.finish()
         began = time.perf_counter()
-        if any(b.delta for b in self.buckets) and not self.anchored:
-            self._establish_anchor()
-        else:
-            self._pipelined_round()
-        self.stats.rounds += 1
-        self.stats.round_seconds += time.perf_counter() - began
+        nonfinite = self._local_nonfinite()
+        try:
+            if any(b.delta for b in self.buckets) and not self.anchored:
+                applied = self._full_precision_round(step, nonfinite)
+            else:
+                applied = self._pipelined_round(step, nonfinite)
+        finally:
+            self.stats.round_seconds += time.perf_counter() - began
+        self.stats.rounds += int(applied)
+        return applied
 
-    def _wait(self, work: dist.Work) -> None:
+    def _wait(self, work: dist.Work, step: int) -> None:
         began = time.perf_counter()
-        work.wait()
-        self.stats.comm_seconds += time.perf_counter() - began
+        try:
+            work.wait()
+        except Exception as failure:
+            raise RoundError(
+                f"the averaging round at step {step} failed in its collective ({failure}). "
+                "Another rank has probably exited, crashed or stopped calling step(); see its "
+                "log. Parameters on this rank may be partly averaged: resume from a checkpoint"
+            ) from failure
+        finally:
+            self.stats.comm_seconds += time.perf_counter() - began
 
-    def _all_reduce(self, tensor: Tensor) -> dist.Work:
+    def _all_reduce(self, tensor: Tensor, step: int) -> dist.Work:
         self.stats.bytes_communicated += tensor.numel() * tensor.element_size()
-        work = dist.all_reduce(tensor, group=self.process_group, async_op=True)
+        try:
+            work = dist.all_reduce(tensor, group=self.process_group, async_op=True)
+        except Exception as failure:
+            raise RoundError(
+                f"the averaging round at step {step} could not start its collective "
+                f"({failure}). Another rank has probably exited or crashed; see its log"
+            ) from failure
         assert work is not None
         return work
 
-    def _pipelined_round(self) -> None:
+    def _drain(self, works: list[dist.Work], step: int) -> None:
+        for work in works:
+            self._wait(work, step)
+
+    def _pipelined_round(self, step: int, nonfinite: bool) -> bool:
         works: list[dist.Work] = []
         finished = 0
         for i, b in enumerate(self.buckets):
             # The wire buffer is shared with an earlier bucket: that one must be unpacked first.
             while finished <= self._previous_user[i]:
-                self._wait(works[finished])
-                self._unpack(self.buckets[finished])
+                if not self._finish_bucket(works, finished, step):
+                    return False
                 finished += 1
-            self._pack(b, b.wire, b.wire_views)
-            works.append(self._all_reduce(b.wire))
+            self._pack(b, b.payload, b.payload_views)
+            if i == 0:
+                self._write_header(b.header, step, nonfinite)
+            works.append(self._all_reduce(b.wire, step))
         while finished < len(self.buckets):
-            self._wait(works[finished])
-            self._unpack(self.buckets[finished])
+            if not self._finish_bucket(works, finished, step):
+                return False
             finished += 1
+        return True
+
+    def _finish_bucket(self, works: list[dist.Work], i: int, step: int) -> bool:
+        self._wait(works[i], step)
+        if i == 0:
+            try:
+                applied = self._verdict(self.buckets[0].header, step)
+            except RoundError:
+                self._drain(works[1:], step)  # every rank launched the same buckets
+                raise
+            if not applied:
+                self._drain(works[1:], step)
+                return False
+        self._unpack(self.buckets[i])
+        return True
 
     # Arithmetic between a 16-bit and a 32-bit tensor takes a slow path on CPU (several times
     # slower than a copy), so deltas are formed and applied in full precision in the staging
     # buffer and only cast on the way to and from the wire.
 
-    def _pack(self, b: _Bucket, wire: Tensor, wire_views: list[Tensor]) -> None:
+    def _pack(self, b: _Bucket, payload: Tensor, payload_views: list[Tensor]) -> None:
         if b.delta:
             assert b.scratch is not None and b.anchor is not None
             _copy_all(b.scratch_views, b.sources)
             b.scratch.sub_(b.anchor)
-            wire.copy_(b.scratch)
+            payload.copy_(b.scratch)
         else:
-            _copy_all(wire_views, b.sources)
+            _copy_all(payload_views, b.sources)
 
     def _unpack(self, b: _Bucket) -> None:
         if b.delta:
             assert b.scratch is not None and b.anchor is not None
-            b.scratch.copy_(b.wire)
+            b.scratch.copy_(b.payload)
             b.anchor.add_(b.scratch, alpha=1.0 / self.world_size)
             _copy_all(b.sources, b.anchor_views)
         else:
-            b.wire.div_(self.world_size)
-            _copy_all(b.sources, b.wire_views)
+            b.payload.div_(self.world_size)
+            _copy_all(b.sources, b.payload_views)
 
-    def _establish_anchor(self) -> None:
+    def _full_precision_round(self, step: int, nonfinite: bool) -> bool:
         # The first round with 16-bit deltas has nothing to take deltas against: average in full
-        # precision, straight in the storage of the full-precision copy, then keep the result.
+        # precision (delta buckets through their staging buffer), then keep the result as the
+        # reference. Rare, so one bucket at a time.
         self._set_anchor_storage()
-        works = []
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
             if b.delta:
-                assert b.anchor is not None
-                _copy_all(b.anchor_views, b.sources)
-                works.append(self._all_reduce(b.anchor))
+                assert b.scratch is not None and b.scratch_wire is not None
+                wire = b.scratch_wire
+                payload, views = b.scratch, b.scratch_views
             else:
-                _copy_all(b.wire_views, b.sources)
-                works.append(self._all_reduce(b.wire))
-            # Without overlap the non-delta wire buffers are shared: finish as we go.
-            if not self.overlap and not b.delta:
-                self._wait(works.pop())
-                self._unpack(b)
-        for work in works:
-            self._wait(work)
-        for b in self.buckets:
+                wire, payload, views = b.wire, b.payload, b.payload_views
+            _copy_all(views, b.sources)
+            if i == 0:
+                self._write_header(wire[: b.header_numel], step, nonfinite)
+            self._wait(self._all_reduce(wire, step), step)
+            if i == 0 and not self._verdict(wire[: b.header_numel], step):
+                return False
+            payload.div_(self.world_size)
+            _copy_all(b.sources, views)
             if b.delta:
                 assert b.anchor is not None
-                b.anchor.div_(self.world_size)
-                _copy_all(b.sources, b.anchor_views)
-            elif self.overlap:
-                self._unpack(b)
+                b.anchor.copy_(payload)
+        return True
 
     # --- overlapped rounds ----------------------------------------------------------------
 
@@ -480,7 +614,7 @@ class BucketedAverager:
         return self._pending is not None
 
     @torch.no_grad()
-    def start(self) -> None:
+    def start(self, step: int = 0) -> None:
         """Snapshot the tensors and start all-reducing the snapshot in the background.
 
         The first round with 16-bit deltas is completed at once (see :meth:`average`).
@@ -490,35 +624,47 @@ class BucketedAverager:
         if self._pending is not None:
             raise RuntimeError("a round is already in flight; finish() it first")
         if any(b.delta for b in self.buckets) and not self.anchored:
-            self.average()
+            self.average(step)
             return
         began = time.perf_counter()
+        nonfinite = self._local_nonfinite()
         works = []
-        for b in self.buckets:
+        for i, b in enumerate(self.buckets):
             assert b.sent is not None
             self._pack(b, b.sent, b.sent_views)
-            b.wire.copy_(b.sent)
-            works.append(self._all_reduce(b.wire))
+            b.payload.copy_(b.sent)
+            if i == 0:
+                self._write_header(b.header, step, nonfinite)
+            works.append(self._all_reduce(b.wire, step))
         self._pending = works
+        self._pending_step = step
         self.stats.round_seconds += time.perf_counter() - began
 
     @torch.no_grad()
-    def finish(self) -> None:
+    def finish(self) -> bool:
         """Wait for the round started by :meth:`start` and apply it.
 
         Each tensor becomes the mean of the snapshots plus this rank's own change since its
         snapshot. Does nothing when no round is in flight.
+
+        Returns:
+            Whether a round was applied.
         """
         if self._pending is None:
-            return
+            return False
         began = time.perf_counter()
         works, self._pending = self._pending, None
-        for work in works:  # empty when pending_state() already waited
-            self._wait(work)
-        for b in self.buckets:
-            self._apply_overlapped(b)
+        step = self._pending_step
+        try:
+            self._drain(works, step)  # empty when pending_state() already waited
+            if self.buckets and not self._verdict(self.buckets[0].header, step):
+                return False
+            for b in self.buckets:
+                self._apply_overlapped(b)
+        finally:
+            self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += 1
-        self.stats.round_seconds += time.perf_counter() - began
+        return True
 
     def _apply_overlapped(self, b: _Bucket) -> None:
         # tensor <- tensor - (what this rank sent) + (mean of what every rank sent); for deltas
@@ -527,28 +673,28 @@ class BucketedAverager:
         scale = 1.0 / self.world_size
         if b.delta:
             assert b.scratch is not None and b.anchor is not None
-            b.scratch.copy_(b.wire)
+            b.scratch.copy_(b.payload)
             b.anchor.add_(b.scratch, alpha=scale)
             torch._foreach_add_(b.sources, b.scratch_views, alpha=scale)
             b.scratch.copy_(b.sent)
             torch._foreach_sub_(b.sources, b.scratch_views)
         else:
             torch._foreach_sub_(b.sources, b.sent_views)
-            torch._foreach_add_(b.sources, b.wire_views, alpha=scale)
+            torch._foreach_add_(b.sources, b.payload_views, alpha=scale)
 
-    def pending_state(self) -> dict[str, list[Tensor]] | None:
+    def pending_state(self) -> dict[str, Any] | None:
         """A round in flight as tensors (it is waited for first), for a checkpoint."""
         if self._pending is None:
             return None
-        for work in self._pending:
-            self._wait(work)
+        self._drain(self._pending, self._pending_step)
         self._pending = []  # complete, waiting to be applied
         return {
+            "step": self._pending_step,
             "received": [b.wire.clone() for b in self.buckets],
             "sent": [b.sent.clone() for b in self.buckets if b.sent is not None],
         }
 
-    def load_pending_state(self, state: dict[str, list[Tensor]] | None) -> None:
+    def load_pending_state(self, state: dict[str, Any] | None) -> None:
         """Restore a round saved by :meth:`pending_state`; :meth:`finish` then applies it."""
         if state is None:
             self._pending = None
@@ -559,7 +705,9 @@ class BucketedAverager:
             or len(received) != len(self.buckets)
             or len(sent) != len(self.buckets)
             or any(
-                r.numel() != b.numel or s.numel() != b.numel or r.dtype != b.wire_dtype
+                r.numel() != b.header_numel + b.numel
+                or s.numel() != b.numel
+                or r.dtype != b.wire_dtype
                 for r, s, b in zip(received, sent, self.buckets)
             )
         ):
@@ -573,6 +721,7 @@ class BucketedAverager:
                 b.wire.copy_(r)
                 b.sent.copy_(s)
         self._pending = []
+        self._pending_step = int(state["step"])
 
 
 @torch.no_grad()

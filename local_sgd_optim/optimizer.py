@@ -6,6 +6,7 @@ import dataclasses
 import math
 import operator
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
 from types import TracebackType
@@ -34,7 +35,12 @@ _STATE_VERSION = 2
 _COUNTERS = ("micro_steps", "optimizer_steps", "averaging_rounds", "last_round_step")
 _SETTINGS = ("period", "accumulation_steps", "average_buffers")
 # Added in version 2; a version 1 checkpoint was taken with their defaults.
-_COMM_SETTINGS = {"bucket_cap_mb": 25.0, "comm_dtype": None, "overlap_steps": 0}
+_COMM_SETTINGS = {
+    "bucket_cap_mb": 25.0,
+    "comm_dtype": None,
+    "overlap_steps": 0,
+    "on_nonfinite": "raise",
+}
 _COMM_DTYPE_NAMES = {None: None, torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -93,6 +99,7 @@ def _validate_arguments(
     bucket_cap_mb: object = 25.0,
     comm_dtype: object = None,
     overlap_steps: object = 0,
+    on_nonfinite: object = "raise",
 ) -> tuple[int, int, float, torch.dtype | None, int]:
     """Raise on bad input; return the numeric settings in their canonical types."""
     if isinstance(base_optimizer, LocalSGDOptimizer):
@@ -114,6 +121,15 @@ def _validate_arguments(
     bucket_cap = _check_bucket_cap(bucket_cap_mb)
     dtype = check_comm_dtype(comm_dtype)
     overlap = _check_overlap_steps(overlap_steps, period)
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    owner = getattr(base_optimizer, "_local_sgd_owner", None)
+    if owner is not None and owner() is not None and not owner()._closed:
+        raise ValueError(
+            "base_optimizer is already wrapped by another LocalSGDOptimizer that is still "
+            "open; two wrappers would step and average it twice. close() the first one, or "
+            "build a new base optimizer"
+        )
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
             "process_group must be a torch.distributed.ProcessGroup or None, "
@@ -308,6 +324,10 @@ class LocalSGDOptimizer(Optimizer):
         process group must make the same calls in the same order.
     """
 
+    # torch.amp.GradScaler hands over grad_scale and found_inf instead of skipping step():
+    # a rank whose gradients overflow must still count the step to stay in step with the others.
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         base_optimizer: Optimizer,
@@ -322,6 +342,7 @@ class LocalSGDOptimizer(Optimizer):
         bucket_cap_mb: float = 25.0,
         comm_dtype: torch.dtype | None = None,
         overlap_steps: int = 0,
+        on_nonfinite: str = "raise",
     ) -> None:
         try:
             period, accumulation_steps, bucket_cap_mb, comm_dtype, overlap_steps = (
@@ -337,6 +358,7 @@ class LocalSGDOptimizer(Optimizer):
                     bucket_cap_mb,
                     comm_dtype,
                     overlap_steps,
+                    on_nonfinite,
                 )
             )
         except (TypeError, ValueError, RuntimeError) as problem:
@@ -360,6 +382,7 @@ class LocalSGDOptimizer(Optimizer):
         self._bucket_cap_mb = bucket_cap_mb
         self._comm_dtype = comm_dtype
         self._overlap_steps = overlap_steps
+        self._on_nonfinite = on_nonfinite
         self._stats = CommStats()
         self._extra_params: list[Tensor] = []
         self._micro_steps = 0
@@ -370,6 +393,7 @@ class LocalSGDOptimizer(Optimizer):
         self._averager: BucketedAverager | None = None
         self._plan_key: tuple[Hashable, ...] | None = None
         self._init_optimizer_bookkeeping()
+        base_optimizer._local_sgd_owner = weakref.ref(self)  # type: ignore[attr-defined]
 
         self._world_size = group_size(process_group) if enabled else 1
         self._broadcast_changed_model = False
@@ -529,9 +553,16 @@ class LocalSGDOptimizer(Optimizer):
         Returns:
             The closure's loss, or ``None``.
 
+        Under ``torch.amp.GradScaler`` (``scaler.step(opt)``), the wrapper unscales the
+        gradients itself and, when this rank's gradients hold inf or NaN, skips its base step
+        but still counts it, so it joins the next round on the same step as every other rank.
+
         Raises:
-            ValueError: a closure was given with ``accumulation_steps > 1``.
+            ValueError: a closure was given with ``accumulation_steps > 1``, or a
+                ``GradScaler`` drives a wrapper with ``accumulation_steps > 1``.
             RuntimeError: the optimizer was closed.
+            RoundError: a round found the ranks out of step or non-finite values (see
+                ``on_nonfinite``), or its collective failed; raised on every rank.
         """
         if self._closed:
             raise RuntimeError(
@@ -544,12 +575,26 @@ class LocalSGDOptimizer(Optimizer):
                 f"accumulation_steps={self._accumulation_steps}; accumulate inside the closure "
                 "and use accumulation_steps=1"
             )
+        # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        if found_inf is not None and self._accumulation_steps > 1:
+            raise ValueError(
+                "GradScaler cannot drive a LocalSGDOptimizer with accumulation_steps > 1, got "
+                f"accumulation_steps={self._accumulation_steps}: the scaler would change its "
+                "scale in the middle of a window. Accumulate in the loop and call "
+                "scaler.step(opt) and scaler.update() once per window, with accumulation_steps=1"
+            )
         self._micro_steps += 1
         if self._micro_steps % self._accumulation_steps != 0:
             return None
-        if self._accumulation_steps > 1:
-            self._divide_gradients(self._accumulation_steps)
-        loss = self._base.step() if closure is None else self._base.step(closure)
+        if grad_scale is not None:
+            self._rescale_gradients(multiplier=grad_scale.double().reciprocal().float())
+        elif self._accumulation_steps > 1:
+            self._rescale_gradients(divisor=self._accumulation_steps)
+        loss = None
+        if found_inf is None or not bool(found_inf.item()):
+            loss = self._base.step() if closure is None else self._base.step(closure)
         self._optimizer_steps += 1
         if self._enabled:
             if self._round_in_flight and (
@@ -561,17 +606,25 @@ class LocalSGDOptimizer(Optimizer):
         return loss
 
     @torch.no_grad()
-    def _divide_gradients(self, divisor: int) -> None:
+    def _rescale_gradients(self, *, divisor: int = 1, multiplier: Tensor | None = None) -> None:
+        """Divide every gradient by ``divisor`` or multiply it by ``multiplier``."""
         dense: list[Tensor] = []
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    p.grad.div_(divisor)
-                else:
+                if not p.grad.is_sparse:
                     dense.append(p.grad)
-        if dense:
+                elif multiplier is not None:
+                    p.grad.mul_(multiplier)
+                else:
+                    p.grad.div_(divisor)
+        if not dense:
+            return
+        if multiplier is not None:
+            # As GradScaler.unscale_ does it, so numbers match a base optimizer under a scaler.
+            torch._foreach_mul_(dense, multiplier)
+        else:
             torch._foreach_div_(dense, divisor)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -625,6 +678,7 @@ class LocalSGDOptimizer(Optimizer):
             comm_dtype=self._comm_dtype,
             overlap=self._overlap_steps > 0,
             stats=self._stats,
+            on_nonfinite=self._on_nonfinite,
         )
         self._plan_key = self._current_plan_key()
 
@@ -646,6 +700,7 @@ class LocalSGDOptimizer(Optimizer):
             f"setting bucket_cap_mb={self._bucket_cap_mb}",
             f"setting comm_dtype={self._comm_dtype}",
             f"setting overlap_steps={self._overlap_steps}",
+            f"setting on_nonfinite={self._on_nonfinite}",
         ]
         for kind, name, t, averaged in self._named_averaged_state():
             frozen = "" if averaged or kind == "buffer" else ", frozen"
@@ -693,9 +748,9 @@ class LocalSGDOptimizer(Optimizer):
                 self._build_averager()
             averager = self._require_averager()
             if blocking:
-                averager.average()
+                averager.average(self._optimizer_steps)
             else:
-                averager.start()
+                averager.start(self._optimizer_steps)
         self._averaging_rounds += 1
         self._last_round_step = self._optimizer_steps
 
@@ -781,6 +836,7 @@ class LocalSGDOptimizer(Optimizer):
             "bucket_cap_mb": self._bucket_cap_mb,
             "comm_dtype": _COMM_DTYPE_NAMES[self._comm_dtype],
             "overlap_steps": self._overlap_steps,
+            "on_nonfinite": self._on_nonfinite,
             "world_size": self._world_size,
             "stats": self._stats.as_dict(),
         }
@@ -896,6 +952,19 @@ class LocalSGDOptimizer(Optimizer):
             loaded["overlap_steps"] = _check_overlap_steps(comm["overlap_steps"], ours["period"])
         except ValueError as problem:
             raise bad(f"setting is invalid: {problem}") from None
+        if comm["on_nonfinite"] not in ("raise", "skip"):
+            raise bad(
+                f"setting on_nonfinite must be 'raise' or 'skip', got {comm['on_nonfinite']!r}"
+            )
+        loaded["on_nonfinite"] = comm["on_nonfinite"]
+        world = ours.get("world_size", self._world_size)
+        if world != self._world_size:
+            raise ValueError(
+                f"the checkpoint was taken with world_size={world}, but this LocalSGDOptimizer "
+                f"averages over {self._world_size} rank(s). Resume on {world} ranks, or convert "
+                "the per-rank checkpoints with local_sgd_optim.checkpoint.reshard_state_dicts "
+                "(parameters averaged, optimizer state by its documented rule)"
+            )
         names = {name: dtype for dtype, name in _COMM_DTYPE_NAMES.items()}
         if comm["comm_dtype"] not in names:
             raise bad(
@@ -919,13 +988,17 @@ class LocalSGDOptimizer(Optimizer):
         pending = ours.get("pending")
         if pending is not None and not (
             isinstance(pending, dict)
-            and set(pending) == {"received", "sent"}
+            and set(pending) == {"step", "received", "sent"}
+            and isinstance(pending["step"], int)
             and all(
-                isinstance(v, list) and all(isinstance(t, Tensor) for t in v)
-                for v in pending.values()
+                isinstance(pending[k], list) and all(isinstance(t, Tensor) for t in pending[k])
+                for k in ("received", "sent")
             )
         ):
-            raise bad("pending must be None or a dict of 'received' and 'sent' tensor lists")
+            raise bad(
+                "pending must be None or a dict of 'step' and the 'received' and 'sent' "
+                "tensor lists"
+            )
         loaded["pending"] = pending
         return loaded
 

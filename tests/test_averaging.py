@@ -53,6 +53,7 @@ def _average_awkward(bucket_cap_mb: float) -> dict[str, Any]:
         "largest_bucket_bytes": max(b.wire_bytes for b in averager.buckets),
         "workspace_bytes": averager.workspace_bytes,
         "bytes": averager.stats.bytes_communicated,
+        "header_bytes": averager.buckets[0].header_numel * averager.buckets[0].wire_dtype.itemsize,
     }
 
 
@@ -177,7 +178,9 @@ def test_buckets_of_any_shape_average_to_the_mean(ranks: Any, bucket_cap_mb: flo
         torch.testing.assert_close(after0.double(), mean, rtol=0, atol=tolerance)
     assert r0["same_storage"] and r1["same_storage"]
     numel_bytes = sum(t.numel() * t.element_size() for t in r0["before"])
-    assert r0["bytes"] == numel_bytes  # every element sent once, nothing else
+    # Every element sent once, plus the round's header (each rank's step and finiteness).
+    assert r0["header_bytes"] == 2 * 9 * 2  # 2 ranks, 9 bf16 numbers each: bf16 goes first
+    assert r0["bytes"] == numel_bytes + r0["header_bytes"]
     if bucket_cap_mb == KIB:
         # fp32: 3000 + 120 elements fill 13 buckets of 256, the transposed tensor is one more;
         # bf16: 700 in buckets of 512 is two; fp64: one.
@@ -197,11 +200,12 @@ def test_workspace_is_a_small_pool_not_a_copy_of_the_model() -> None:
     delta = BucketedAverager(params, None, bucket_cap_mb=1.0, comm_dtype=torch.bfloat16)
     delta.set_anchor_from_tensors()
     overlap = BucketedAverager(params, None, bucket_cap_mb=1.0, overlap=True)
+    header = 9 * 4  # one rank: its step and finiteness, 9 fp32 numbers, in the first bucket
     assert len(full.buckets) == 8
-    assert full.workspace_bytes == 2 * mib  # two wire buffers of one bucket each
+    assert full.workspace_bytes == 2 * (mib + header)  # two wire buffers of one bucket each
     # The full-precision copy, two 16-bit wire buffers and one fp32 staging buffer.
-    assert delta.workspace_bytes == model_bytes + 2 * mib + 2 * mib
-    assert overlap.workspace_bytes == 2 * model_bytes  # a round in flight: wire + sent
+    assert delta.workspace_bytes == model_bytes + 2 * (mib + header // 2) + (2 * mib + header)
+    assert overlap.workspace_bytes == 2 * model_bytes + header  # in flight: wire + sent
 
 
 @pytest.mark.parametrize("comm_dtype", [None, torch.bfloat16, torch.float16])
@@ -221,7 +225,7 @@ def test_deltas_keep_rounding_error_at_the_size_of_the_move(
         # Sending the weights themselves in bf16 would be off by up to 4.
         assert 0 < error <= (3e-3 if comm_dtype == torch.bfloat16 else 4e-4)
     itemsize = 4 if comm_dtype is None else 2
-    assert r0["bytes"] == 3 * 4096 * itemsize
+    assert r0["bytes"] == 3 * (4096 + 2 * 9) * itemsize  # three rounds, each with its header
 
 
 @pytest.mark.parametrize("comm_dtype", [None, torch.bfloat16])
@@ -292,7 +296,8 @@ def test_stats_count_every_byte_sent(ranks: Any) -> None:
     )
     n = sum(p.numel() for p in bn_net().parameters()) + 2 * 8  # BatchNorm mean and var
     assert full[0]["stats"]["rounds"] == 2 and half[0]["stats"]["rounds"] == 2
-    assert full[0]["stats"]["bytes_communicated"] == 2 * n * 4
-    assert half[0]["stats"]["bytes_communicated"] == 2 * n * 2
+    header = 2 * 9  # 2 ranks' steps and finiteness
+    assert full[0]["stats"]["bytes_communicated"] == 2 * (n + header) * 4
+    assert half[0]["stats"]["bytes_communicated"] == 2 * (n + header) * 2
     assert full[0]["stats"]["comm_seconds"] > 0
     assert full[0]["stats"]["round_seconds"] >= full[0]["stats"]["comm_seconds"]

@@ -387,12 +387,12 @@ def test_loads_a_version_one_checkpoint_with_default_communication_settings() ->
     model = mlp()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
     old = opt.state_dict()
-    for key in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "stats"):
+    for key in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "on_nonfinite", "stats"):
         del old["local_sgd"][key]
     old["local_sgd"]["version"] = 1
     old["local_sgd"]["optimizer_steps"] = 9
     opt.load_state_dict(old)
     assert opt.optimizer_steps == 9 and opt.comm_dtype is None and opt.overlap_steps == 0
     old["local_sgd"]["version"] = 2  # a version 2 checkpoint must have them
-    with pytest.raises(ValueError, match="lacks bucket_cap_mb, comm_dtype, overlap_steps"):
+    with pytest.raises(ValueError, match="lacks bucket_cap_mb, comm_dtype, overlap_steps, on_non"):
         opt.load_state_dict(old)
