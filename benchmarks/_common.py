@@ -9,6 +9,7 @@ import inspect
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -143,8 +144,33 @@ def machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, "
-        f"local_sgd_optim {local_sgd_optim.__version__}; load average {load}"
+        f"local_sgd_optim {local_sgd_optim.__version__} at {_revision()}; load average {load}"
     )
+
+
+def _revision() -> str:
+    """The checkout's commit, and whether the package's sources differ from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "local_sgd_optim"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown commit"
+    return f"{commit}{' + uncommitted changes' if dirty else ''}"
 
 
 def ours_note() -> str:

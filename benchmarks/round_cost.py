@@ -10,7 +10,8 @@ leave them out):
 - ``average_parameters`` from ``torch.distributed.algorithms.model_averaging.utils`` (a
   ``torch.cat`` copy, one all-reduce, parameters re-pointed into it);
 - ours fp32 and bf16: ``local_sgd_optim.averaging.BucketedAverager(...).average()`` where it
-  exists, else ``LocalSGDOptimizer(...).average()`` (fp32 only);
+  exists, else ``LocalSGDOptimizer(...).average()`` (fp32 only); and the fp32 round through
+  ``LocalSGDOptimizer(..., average_buffers=False).average()``;
 - the floor.
 
 Methods run interleaved, in a rotated order each repeat; a repeat times ``--rounds`` rounds back
@@ -111,6 +112,17 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
         ours = ours_round(copy.deepcopy(base), dtype)
         if ours is not None:
             methods[label] = ours
+    if _common.has_bucketed_averager():
+        # The same round through the optimizer: what a training loop pays at a period boundary.
+        model = copy.deepcopy(base)
+        opt = LocalSGDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model,
+            period=10**9,
+            average_buffers=False,
+            broadcast_initial=False,
+        )
+        methods["ours fp32, `LocalSGDOptimizer.average()`"] = opt.average
     methods["floor: one all-reduce of a flat fp32 buffer"] = floor_round(base)
 
     names = list(methods)
