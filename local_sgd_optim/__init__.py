@@ -1,8 +1,9 @@
 """Local SGD as a drop-in :class:`torch.optim.Optimizer`."""
 
+from local_sgd_optim.accelerate import prepare_local_sgd
 from local_sgd_optim.averaging import CommStats, RoundError
 from local_sgd_optim.optimizer import LocalSGDOptimizer
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["CommStats", "LocalSGDOptimizer", "RoundError", "__version__"]
+__all__ = ["CommStats", "LocalSGDOptimizer", "RoundError", "__version__", "prepare_local_sgd"]

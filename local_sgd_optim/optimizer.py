@@ -161,13 +161,24 @@ def _validate_arguments(
             "this rank is not a member of process_group; build LocalSGDOptimizer only on "
             "the group's ranks, or pass enabled=False elsewhere"
         )
-    if enabled and isinstance(model, DistributedDataParallel) and model._comm_hooks:
+    ddp = _inner_ddp(model)
+    if enabled and ddp is not None and ddp._comm_hooks:
         raise RuntimeError(
             "model is a DistributedDataParallel that already has a communication hook; "
             "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
             "Wrap a DDP model without register_comm_hook()"
         )
     return period, accumulation_steps, bucket_cap, dtype, overlap
+
+
+def _inner_ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DistributedDataParallel that is ``model``, or that ``torch.compile`` wrapped."""
+    while not isinstance(model, DistributedDataParallel):
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
+    return model
 
 
 def _sharded_parameter(model: nn.Module) -> str | None:
@@ -298,14 +309,19 @@ class LocalSGDOptimizer(Optimizer):
         overlap_steps (int): apply each round this many optimizer steps after it starts, with
             the communication running behind those steps; ``0`` blocks at the boundary; must be
             smaller than ``period`` (default: 0).
+        on_nonfinite (str): when a rank's parameters or buffers hold NaN or inf at a round,
+            ``"raise"`` a :class:`RoundError` on every rank or ``"skip"`` the round with a
+            warning; either way no rank's values change (default: ``"raise"``).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
             sharded (FSDP, DTensor parameters), or a flag is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer,
             ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not a 16-bit float type,
-            ``overlap_steps`` is negative or not below ``period``, or ``base_optimizer`` holds
-            parameters that are not in ``model``.
+            ``overlap_steps`` is negative or not below ``period``, ``on_nonfinite`` is neither
+            ``"raise"`` nor ``"skip"``, ``base_optimizer`` holds parameters that are not in
+            ``model``, or ``base_optimizer`` is already wrapped by an open
+            ``LocalSGDOptimizer``.
         RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
             DDP ``model`` already has a communication hook.
 
@@ -400,8 +416,9 @@ class LocalSGDOptimizer(Optimizer):
         self._versions_after_broadcast: list[int] | None = None
         if self._communicates:
             self._check_ranks_agree()
-            if isinstance(model, DistributedDataParallel):
-                self._detach_from_ddp(model)
+            ddp = _inner_ddp(model)
+            if ddp is not None:
+                self._detach_from_ddp(ddp)
             if broadcast_initial:
                 state = list(model.parameters()) + list(model.buffers())
                 self._broadcast_changed_model = broadcast_tensors(

@@ -87,15 +87,7 @@ def _compiled_vs_eager(backend: str, wrap: str) -> dict[str, Any]:
     [
         "plain",
         "ddp",
-        pytest.param(
-            "compiled_ddp",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="LocalSGDOptimizer does not look through torch.compile's OptimizedModule "
-                "for a DDP model, so DDP keeps all-reducing gradients: build the wrapper on the "
-                "DDP module and compile afterwards (the 'ddp' case)",
-            ),
-        ),
+        "compiled_ddp",
     ],
 )
 def test_compiled_model_on_two_ranks(ranks: Any, wrap: str) -> None:
