@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import operator
 import warnings
@@ -30,6 +31,7 @@ from local_sgd_optim.averaging import (
 
 __all__ = ["LocalSGDOptimizer"]
 
+_LOG = logging.getLogger("local_sgd_optim")
 _STATE_KEY = "local_sgd"
 _STATE_VERSION = 2
 _COUNTERS = ("micro_steps", "optimizer_steps", "averaging_rounds", "last_round_step")
@@ -429,6 +431,32 @@ class LocalSGDOptimizer(Optimizer):
             if broadcast_initial:
                 # Every rank now holds rank 0's values: the reference for 16-bit deltas.
                 self._require_averager().set_anchor_from_tensors()
+        self._log_settings()
+
+    def _log_settings(self) -> None:
+        if not _LOG.isEnabledFor(logging.INFO) or (
+            self._communicates and group_rank(self._process_group) != 0
+        ):
+            return
+        averager = self._averager
+        what = "nothing is communicated"
+        if averager is not None:
+            what = (
+                f"{averager.numel:,} values ({averager.nbytes / 2**20:.1f} MiB on the wire) "
+                f"in {len(averager.buckets)} bucket(s)"
+            )
+        _LOG.info(
+            "LocalSGDOptimizer: period=%d, accumulation_steps=%d, world_size=%d, "
+            "comm_dtype=%s, overlap_steps=%d, bucket_cap_mb=%g, average_buffers=%s; %s",
+            self._period,
+            self._accumulation_steps,
+            self._world_size,
+            self._comm_dtype,
+            self._overlap_steps,
+            self._bucket_cap_mb,
+            self._average_buffers,
+            what,
+        )
 
     def _init_optimizer_bookkeeping(self) -> None:
         # Optimizer.__init__ would build param groups of its own; the wrapper shares the base
@@ -764,10 +792,22 @@ class LocalSGDOptimizer(Optimizer):
                 self._check_ranks_agree()
                 self._build_averager()
             averager = self._require_averager()
+            before = dataclasses.replace(self._stats)
             if blocking:
                 averager.average(self._optimizer_steps)
             else:
                 averager.start(self._optimizer_steps)
+            if _LOG.isEnabledFor(logging.DEBUG):
+                _LOG.debug(
+                    "round %d at step %d (%s): %d bytes sent, %.1f ms in the round, %.1f ms "
+                    "blocked on communication",
+                    self._averaging_rounds + 1,
+                    self._optimizer_steps,
+                    "blocking" if blocking else "started, lands later",
+                    self._stats.bytes_communicated - before.bytes_communicated,
+                    1e3 * (self._stats.round_seconds - before.round_seconds),
+                    1e3 * (self._stats.comm_seconds - before.comm_seconds),
+                )
         self._averaging_rounds += 1
         self._last_round_step = self._optimizer_steps
 

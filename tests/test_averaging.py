@@ -3,6 +3,7 @@ memory, checked against manual averaging on gloo ranks."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -122,6 +123,25 @@ def _train(
         "rounds": opt.averaging_rounds,
         "stats": opt.stats.as_dict(),
     }
+
+
+def _debug_log_of_rounds() -> list[str]:
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(f"{record.levelname} {record.getMessage()}")
+
+    logger = logging.getLogger("local_sgd_optim")
+    handler, level = Keep(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        _train(8, period=4, comm_dtype=torch.bfloat16)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return records
 
 
 def _resume_with_round_in_flight(comm_dtype: torch.dtype | None) -> dict[str, Any]:
@@ -301,3 +321,15 @@ def test_stats_count_every_byte_sent(ranks: Any) -> None:
     assert half[0]["stats"]["bytes_communicated"] == 2 * (n + header) * 2
     assert full[0]["stats"]["comm_seconds"] > 0
     assert full[0]["stats"]["round_seconds"] >= full[0]["stats"]["comm_seconds"]
+
+
+def test_rounds_are_logged_at_debug_with_their_bytes(ranks: Any) -> None:
+    r0, r1 = ranks.run(_debug_log_of_rounds)
+    n = sum(p.numel() for p in bn_net().parameters()) + 2 * 8
+    for records in (r0, r1):
+        rounds = [line for line in records if line.startswith("DEBUG round")]
+        assert len(rounds) == 2
+        assert rounds[0].startswith("DEBUG round 1 at step 4 (blocking): ")
+        assert f"{(n + 2 * 9) * 2} bytes sent" in rounds[0]
+    assert sum(line.startswith("INFO LocalSGDOptimizer: period=4") for line in r0) == 1
+    assert not any(line.startswith("INFO") for line in r1)  # settings are logged on rank 0

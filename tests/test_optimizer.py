@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, Callable
 
@@ -396,3 +397,19 @@ def test_loads_a_version_one_checkpoint_with_default_communication_settings() ->
     old["local_sgd"]["version"] = 2  # a version 2 checkpoint must have them
     with pytest.raises(ValueError, match="lacks bucket_cap_mb, comm_dtype, overlap_steps, on_non"):
         opt.load_state_dict(old)
+
+
+def test_logs_settings_once_at_info_and_never_prints(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = mlp()
+    with caplog.at_level(logging.INFO, logger="local_sgd_optim"):
+        opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+        for i in range(8):
+            loss_of(model, 0, i).backward()
+            opt.step()
+            opt.zero_grad()
+    [record] = caplog.records
+    assert record.name == "local_sgd_optim" and record.levelno == logging.INFO
+    assert "period=4, accumulation_steps=1, world_size=1" in record.getMessage()
+    assert capsys.readouterr() == ("", "")
