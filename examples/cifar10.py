@@ -154,7 +154,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--lr-warmup-epochs",
         type=float,
         default=2.0,
-        help="epochs of linear learning-rate warm-up before the cosine decay",
+        help="epochs of linear learning-rate warm-up before the cosine decay (at most a fifth "
+        "of --epochs)",
     )
     add("--momentum", type=float, default=0.9, help="SGD momentum")
     add("--nesterov", action="store_true", help="use Nesterov momentum")
@@ -227,6 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="allow resuming a checkpoint taken with another world size: the ranks' models and "
         "optimizer states are averaged and the epoch restarts at the nearest batch (not exact)",
+    )
+    add(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also evaluate every this many optimizer steps (0: only at epoch ends)",
     )
     add(
         "--log-every",
@@ -527,7 +534,10 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with tmp.open("wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it visible
     os.replace(tmp, path)
 
 
@@ -776,7 +786,8 @@ def main(argv: list[str] | None = None) -> None:
         comm_dtype=COMM_DTYPES[args.comm_dtype],
         overlap_steps=args.overlap_steps,
     )
-    warmup = round(args.lr_warmup_epochs * steps_per_epoch)
+    # A short run (a few epochs) must still get its cosine decay: cap warm-up at a fifth of it.
+    warmup = min(round(args.lr_warmup_epochs * steps_per_epoch), total_steps // 5)
 
     def lr_factor(step: int) -> float:
         if step < warmup:
@@ -848,6 +859,23 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(
             args.checkpoint_dir, opt.optimizer_steps, state, rank, world_size, args.keep_checkpoints
         )
+
+    def test(**extra: Any) -> tuple[float, float]:
+        """Evaluate on the test set and write an ``eval`` metrics record."""
+        test_loss, test_accuracy = evaluate(net, test_loader, device, amp)
+        metrics.write(
+            kind="eval",
+            epoch=opt.optimizer_steps / steps_per_epoch,
+            step=opt.optimizer_steps,
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            wall_time=wall_before + time.perf_counter() - started,
+            bytes_communicated=comm.bytes,
+            comm_seconds=comm.seconds,
+            averaging_rounds=opt.averaging_rounds,
+            **extra,
+        )
+        return test_loss, test_accuracy
 
     started = time.perf_counter()
     train_seconds = 0.0
@@ -924,8 +952,13 @@ def main(argv: list[str] | None = None) -> None:
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == max_steps:
                 checkpoint(epoch, batch)
                 saved_at = step
-            if step >= max_steps or batch >= steps_per_epoch * args.accumulation_steps:
+            epoch_ends = batch >= steps_per_epoch * args.accumulation_steps
+            if step >= max_steps or epoch_ends:
                 break
+            if args.eval_every and step % args.eval_every == 0:
+                train_seconds += time.perf_counter() - tick
+                test(final=False)  # each rank's own model: no averaging round is added
+                tick = time.perf_counter()
         train_seconds += time.perf_counter() - tick
         epoch_totals += running
         if bar is not None:
@@ -936,21 +969,9 @@ def main(argv: list[str] | None = None) -> None:
         finished = opt.optimizer_steps >= max_steps
         if finished:
             opt.close()  # a final averaging round: every rank now holds the same model
-        test_loss, test_accuracy = evaluate(net, test_loader, device, amp)
         train_loss, train_accuracy = _interval_means(epoch_totals, device)
-        metrics.write(
-            kind="eval",
-            epoch=opt.optimizer_steps / steps_per_epoch,
-            step=opt.optimizer_steps,
-            train_loss=train_loss,
-            train_accuracy=train_accuracy,
-            test_loss=test_loss,
-            test_accuracy=test_accuracy,
-            wall_time=wall_before + time.perf_counter() - started,
-            bytes_communicated=comm.bytes,
-            comm_seconds=comm.seconds,
-            averaging_rounds=opt.averaging_rounds,
-            final=finished,
+        test_loss, test_accuracy = test(
+            train_loss=train_loss, train_accuracy=train_accuracy, final=finished
         )
         if rank == 0:
             print(
@@ -962,6 +983,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         batches_done = 0
     opt.close()
+    if math.isnan(test_accuracy):  # resumed from a run that had already finished
+        test_accuracy = evaluate(net, test_loader, device, amp)[1]
 
     if rank == 0:
         torch.save(net.state_dict(), args.out_dir / "final_model.pt")

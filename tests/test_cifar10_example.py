@@ -80,6 +80,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     out: dict[str, Any] = {"full": full, "part": part}
     out["full_proc"] = _run([*COMMON, "--out-dir", str(full)])
     out["stop_proc"] = _run([*COMMON, "--out-dir", str(part), "--max-steps", str(STOP)])
+    _check_ok(out["stop_proc"])  # the runs below build on this one
     out["stopped_dirs"] = sorted(p.name for p in (part / "checkpoints").iterdir())
     out["stopped_ckpt"] = tmp / "stopped-ckpt"  # kept aside: the resumed run prunes it
     shutil.copytree(part / "checkpoints" / f"ckpt-{STOP:06d}", out["stopped_ckpt"])
@@ -87,6 +88,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (part / "checkpoints" / "ckpt-000099").mkdir()
     (part / "checkpoints" / "ckpt-000099" / "rank0.pt").write_bytes(b"truncated")
     out["resume_proc"] = _run([*COMMON, "--out-dir", str(part), "--resume"])
+    out["ddp"] = ddp = tmp / "ddp"
+    out["ddp_proc"] = _run([*COMMON, "--mode", "ddp", "--out-dir", str(ddp), "--max-steps", "8"])
     yield out
 
 
@@ -107,11 +110,13 @@ def test_runs_learns_and_reports(runs: dict[str, Any]) -> None:
     assert [r["step"] for r in evals] == [8, 16, 24]
     assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0]
     assert evals[-1]["final"] and evals[-1]["test_accuracy"] > 0.3  # chance is 0.1
-    # 24 steps / period 4 = 6 rounds; each sends every parameter and float buffer (fp32) once.
+    # 24 steps / period 4 = 6 rounds; each sends every parameter and float buffer (fp32) once,
+    # plus a small header of the library's own (each rank's step and finiteness).
     assert train[-1]["averaging_rounds"] == 6
     model = _load(runs["full"] / "final_model.pt")
-    round_bytes = sum(t.numel() * 4 for t in model.values() if t.is_floating_point())
-    assert evals[-1]["bytes_communicated"] == 6 * round_bytes
+    model_bytes = sum(t.numel() * 4 for t in model.values() if t.is_floating_point())
+    per_round, remainder = divmod(evals[-1]["bytes_communicated"], 6)
+    assert remainder == 0 and model_bytes <= per_round <= model_bytes + 1024
     summary = re.search(
         r"done: local-sgd, 2 rank\(s\), 24 steps \(3\.00 epochs\), 6 averaging rounds, "
         r"test accuracy (\d\.\d+)",
@@ -185,6 +190,23 @@ def test_resume_refuses_another_world_size(runs: dict[str, Any]) -> None:
     assert "written by 2 rank(s) but this run has 1" in proc.stderr
     assert "--reshard" in proc.stderr
     assert "Traceback" not in proc.stderr  # a message for the user, not a crash
+
+
+def test_ddp_baseline(runs: dict[str, Any]) -> None:
+    proc = runs["ddp_proc"]
+    _check_ok(proc)
+    assert "done: ddp, 2 rank(s), 8 steps (1.00 epochs), 0 averaging rounds" in proc.stdout
+    # DDP all-reduces every gradient once per optimizer step (not per micro-batch: no_sync)...
+    model = _load(runs["ddp"] / "final_model.pt")
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    gradient_bytes = sum(t.numel() * 4 for k, t in model.items() if not k.endswith(buffers))
+    final = _records(runs["ddp"] / "metrics.jsonl", "eval")[-1]
+    assert final["bytes_communicated"] == 8 * gradient_bytes
+    assert final["averaging_rounds"] == 0
+    # ... so the ranks' parameters never drift apart.
+    ckpt = runs["ddp"] / "checkpoints" / "ckpt-000008"
+    rank0, rank1 = _load(ckpt / "rank0.pt")["model"], _load(ckpt / "rank1.pt")["model"]
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0 if not k.endswith(buffers))
 
 
 def test_plot_metrics(runs: dict[str, Any], tmp_path: Path) -> None:
