@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from local_sgd_optim.optimizer import LocalSGDOptimizer, _keep_gradients_local
+from local_sgd_optim.optimizer import LocalSGDOptimizer, _local_sgd_ddp_hook
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -94,7 +94,7 @@ def prepare_local_sgd(
     for opt in ours:
         if opt.world_size > 1:  # disabled or alone: nothing would all-reduce anyway
             for ddp in _ddp_wrappers_of(opt.model, candidates):
-                _keep_ddp_gradients_local(ddp)
+                _keep_ddp_gradients_local(opt, ddp)
     return result
 
 
@@ -126,9 +126,9 @@ def _ddp_wrappers_of(model: nn.Module, candidates: list[Any]) -> list[Distribute
     return found
 
 
-def _keep_ddp_gradients_local(ddp: DistributedDataParallel) -> None:
+def _keep_ddp_gradients_local(opt: LocalSGDOptimizer, ddp: DistributedDataParallel) -> None:
     hooks = [hook for hook, _ in ddp._comm_hooks]
-    if any(hook is _keep_gradients_local for hook in hooks):
+    if any(hook is _local_sgd_ddp_hook for hook in hooks):
         return  # LocalSGDOptimizer was built on this DDP model and installed it already
     if hooks:
         raise RuntimeError(
@@ -136,4 +136,4 @@ def _keep_ddp_gradients_local(ddp: DistributedDataParallel) -> None:
             "communication hook; LocalSGDOptimizer must install its own to keep gradients "
             "local between rounds. Drop comm_hook from DistributedDataParallelKwargs"
         )
-    LocalSGDOptimizer._detach_from_ddp(ddp)
+    opt._detach_from_ddp(ddp)

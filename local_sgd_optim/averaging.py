@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["BucketedAverager", "CommStats", "RoundError"]
+__all__ = ["BucketedAverager", "CommStats", "GradientAverager", "RoundError"]
 
 _MB = 1024 * 1024
 # Two wire buffers per device: one bucket is packed (or unpacked) while the other is in flight.
@@ -749,6 +749,81 @@ class BucketedAverager:
                 b.sent.copy_(s)
         self._pending = []
         self._pending_step = int(state["step"])
+
+
+class GradientAverager:
+    """All-reduces the mean of a changing list of gradients through a reused pool of buckets.
+
+    For synchronous (warm-up) steps on a plain module: the gradient tensors may be new objects
+    each step, so buckets are cut per call (cheap bookkeeping), while the two wire buffers per
+    device, of at most ``bucket_cap_mb`` each, are allocated once and grow only if a
+    non-contiguous gradient needs more.
+
+    Args:
+        process_group (ProcessGroup, optional): the ranks to average over (default: the world).
+        bucket_cap_mb (float): bucket size in MiB (default: 25).
+
+    Example::
+
+        >>> grads = GradientAverager(None, bucket_cap_mb=25)
+        >>> loss.backward()
+        >>> grads.average([p.grad for p in model.parameters() if p.grad is not None])
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0):
+        self.process_group = process_group
+        self.world_size = group_size(process_group)
+        self._cap_bytes = max(1, int(bucket_cap_mb * _MB))
+        self._pools: dict[torch.device, list[Tensor]] = {}
+
+    def _slot(self, device: torch.device, index: int, nbytes: int) -> Tensor:
+        pool = self._pools.setdefault(device, [])
+        while len(pool) <= index:
+            pool.append(torch.empty(0, dtype=torch.uint8, device=device))
+        if pool[index].numel() < nbytes:
+            pool[index] = torch.empty(
+                max(nbytes, self._cap_bytes), dtype=torch.uint8, device=device
+            )
+        return pool[index][:nbytes]
+
+    @torch.no_grad()
+    def average(self, grads: Sequence[Tensor]) -> None:
+        """Replace every gradient by its mean over the ranks. Every rank must call it."""
+        dense = [g for g in grads if not g.is_sparse]
+        for sparse in (g for g in grads if g.is_sparse):
+            dist.all_reduce(sparse, group=self.process_group)
+            sparse.div_(self.world_size)
+        buckets = _cut_into_buckets(_group_by_device_and_dtype(dense), self._cap_bytes, None)
+        in_flight: list[tuple[_Bucket, Tensor, list[Tensor], dist.Work]] = []
+        used: dict[torch.device, int] = {}
+        for b in buckets:
+            index = used.get(b.device, 0)
+            used[b.device] = index + 1
+            if len(in_flight) >= _POOL_SLOTS:
+                self._land(*in_flight.pop(0))
+            wire = self._slot(b.device, index % _POOL_SLOTS, b.wire_bytes).view(b.dtype)
+            views = _shaped_views(wire, b.sources)
+            _copy_all(views, b.sources)
+            work = dist.all_reduce(wire, group=self.process_group, async_op=True)
+            assert work is not None
+            in_flight.append((b, wire, views, work))
+        for entry in in_flight:
+            self._land(*entry)
+
+    def _land(self, b: _Bucket, wire: Tensor, views: list[Tensor], work: dist.Work) -> None:
+        work.wait()
+        wire.div_(self.world_size)
+        _copy_all(b.sources, views)
+
+    @staticmethod
+    def finite(grads: Sequence[Tensor]) -> bool:
+        """Whether every gradient is free of inf and NaN (one read of each)."""
+        dense = [g for g in grads if not g.is_sparse]
+        norms = torch._foreach_norm(dense, float("inf")) if dense else []
+        sparse = [g.coalesce().values() for g in grads if g.is_sparse]
+        return all(bool(torch.isfinite(n)) for n in norms) and all(
+            bool(torch.isfinite(v).all()) for v in sparse
+        )
 
 
 @torch.no_grad()

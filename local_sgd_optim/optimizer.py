@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import operator
+import os
 import warnings
 import weakref
 from collections import OrderedDict
@@ -22,6 +23,8 @@ from torch.optim import Optimizer
 from local_sgd_optim.averaging import (
     BucketedAverager,
     CommStats,
+    GradientAverager,
+    _copy_all,
     broadcast_tensors,
     check_comm_dtype,
     exchange_descriptions,
@@ -33,8 +36,11 @@ __all__ = ["LocalSGDOptimizer"]
 
 _LOG = logging.getLogger("local_sgd_optim")
 _STATE_KEY = "local_sgd"
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 _COUNTERS = ("micro_steps", "optimizer_steps", "averaging_rounds", "last_round_step")
+# Added in version 3, derived from the others when a checkpoint lacks them.
+_NEW_COUNTERS = ("next_round_step", "local_rounds")
+PeriodSchedule = Callable[[int], int]
 _SETTINGS = ("period", "accumulation_steps", "average_buffers")
 # Added in version 2; a version 1 checkpoint was taken with their defaults.
 _COMM_SETTINGS = {
@@ -83,6 +89,18 @@ def _check_overlap_steps(value: object, period: int) -> int:
     return steps
 
 
+def _check_non_negative_int(name: str, value: object) -> int:
+    if not isinstance(value, bool):
+        try:
+            as_int = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:
+            if as_int >= 0:
+                return as_int
+    raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
 def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
@@ -102,7 +120,11 @@ def _validate_arguments(
     comm_dtype: object = None,
     overlap_steps: object = 0,
     on_nonfinite: object = "raise",
-) -> tuple[int, int, float, torch.dtype | None, int]:
+    warmup_steps: object = 0,
+    outer_optimizer: object = None,
+    local_period: object = None,
+    local_group: object = None,
+) -> tuple[int | PeriodSchedule, int, float, torch.dtype | None, int, int, int | None]:
     """Raise on bad input; return the numeric settings in their canonical types."""
     if isinstance(base_optimizer, LocalSGDOptimizer):
         raise TypeError(
@@ -115,14 +137,44 @@ def _validate_arguments(
         )
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    period = _check_positive_int("period", period)
+    if callable(period):
+        schedule: int | PeriodSchedule = period  # checked each time it is called
+    else:
+        schedule = _check_positive_int("period", period)
     accumulation_steps = _check_positive_int("accumulation_steps", accumulation_steps)
     _check_bool("average_buffers", average_buffers)
     _check_bool("broadcast_initial", broadcast_initial)
     _check_bool("enabled", enabled)
     bucket_cap = _check_bucket_cap(bucket_cap_mb)
     dtype = check_comm_dtype(comm_dtype)
-    overlap = _check_overlap_steps(overlap_steps, period)
+    overlap = _check_overlap_steps(overlap_steps, schedule if isinstance(schedule, int) else 0)
+    warmup = _check_non_negative_int("warmup_steps", warmup_steps)
+    if outer_optimizer is not None and not callable(outer_optimizer):
+        raise TypeError(
+            "outer_optimizer must be a callable that takes a list of tensors and returns a "
+            f"torch.optim.Optimizer, e.g. lambda ps: torch.optim.SGD(ps, lr=0.7), got "
+            f"{type(outer_optimizer).__name__}"
+        )
+    local = None if local_period is None else _check_positive_int("local_period", local_period)
+    if local is not None and isinstance(schedule, int) and local >= schedule:
+        raise ValueError(
+            f"local_period must be smaller than period, got local_period={local} with "
+            f"period={schedule}: the subgroup rounds fall between the global ones"
+        )
+    if local_group is not None and local is None:
+        raise ValueError("local_group was given without local_period; pass both")
+    if local_group is not None and not (
+        local_group == "node" or isinstance(local_group, dist.ProcessGroup)
+    ):
+        raise TypeError(
+            "local_group must be a torch.distributed.ProcessGroup (this rank's subgroup) or "
+            f"'node', got {type(local_group).__name__}"
+        )
+    if overlap and (outer_optimizer is not None or local is not None):
+        raise ValueError(
+            "overlap_steps cannot be combined with outer_optimizer or local_period yet; use "
+            "overlap_steps=0 with them"
+        )
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     owner = getattr(base_optimizer, "_local_sgd_owner", None)
@@ -170,7 +222,7 @@ def _validate_arguments(
             "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
             "Wrap a DDP model without register_comm_hook()"
         )
-    return period, accumulation_steps, bucket_cap, dtype, overlap
+    return schedule, accumulation_steps, bucket_cap, dtype, overlap, warmup, local
 
 
 def _inner_ddp(model: nn.Module) -> DistributedDataParallel | None:
@@ -228,12 +280,29 @@ def _keep_gradients_local(state: object, bucket: Any) -> torch.futures.Future[Te
     return future
 
 
+def _local_sgd_ddp_hook(state: object, bucket: Any) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: average gradients during warm-up, keep them local after.
+
+    ``state`` is a weak reference to the LocalSGDOptimizer, which knows the step and window.
+    """
+    opt = state() if isinstance(state, weakref.ref) else None
+    if isinstance(opt, LocalSGDOptimizer) and opt._ddp_averages_now():
+        group = opt._process_group
+        tensor = bucket.buffer()
+        tensor.div_(group_size(group))
+        work = dist.all_reduce(tensor, group=group, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda done: done.value()[0])
+    return _keep_gradients_local(state, bucket)
+
+
 # DDP validates a hook's annotations as objects; this module's postponed annotations are strings.
-_keep_gradients_local.__annotations__ = {
-    "state": object,
-    "bucket": dist.GradBucket,  # type: ignore[attr-defined]
-    "return": torch.futures.Future[Tensor],
-}
+for _hook in (_keep_gradients_local, _local_sgd_ddp_hook):
+    _hook.__annotations__ = {
+        "state": object,
+        "bucket": dist.GradBucket,  # type: ignore[attr-defined]
+        "return": torch.futures.Future[Tensor],
+    }
 
 
 class LocalSGDOptimizer(Optimizer):
@@ -350,7 +419,7 @@ class LocalSGDOptimizer(Optimizer):
         self,
         base_optimizer: Optimizer,
         model: nn.Module,
-        period: int,
+        period: int | PeriodSchedule,
         *,
         accumulation_steps: int = 1,
         average_buffers: bool = True,
@@ -361,23 +430,37 @@ class LocalSGDOptimizer(Optimizer):
         comm_dtype: torch.dtype | None = None,
         overlap_steps: int = 0,
         on_nonfinite: str = "raise",
+        warmup_steps: int = 0,
+        outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        local_period: int | None = None,
+        local_group: dist.ProcessGroup | str | None = None,
     ) -> None:
         try:
-            period, accumulation_steps, bucket_cap_mb, comm_dtype, overlap_steps = (
-                _validate_arguments(
-                    base_optimizer,
-                    model,
-                    period,
-                    accumulation_steps,
-                    average_buffers,
-                    broadcast_initial,
-                    enabled,
-                    process_group,
-                    bucket_cap_mb,
-                    comm_dtype,
-                    overlap_steps,
-                    on_nonfinite,
-                )
+            (
+                period,
+                accumulation_steps,
+                bucket_cap_mb,
+                comm_dtype,
+                overlap_steps,
+                warmup_steps,
+                local_period,
+            ) = _validate_arguments(
+                base_optimizer,
+                model,
+                period,
+                accumulation_steps,
+                average_buffers,
+                broadcast_initial,
+                enabled,
+                process_group,
+                bucket_cap_mb,
+                comm_dtype,
+                overlap_steps,
+                on_nonfinite,
+                warmup_steps,
+                outer_optimizer,
+                local_period,
+                local_group,
             )
         except (TypeError, ValueError, RuntimeError) as problem:
             # The other ranks may have valid input and be about to wait for us in the first
@@ -401,12 +484,22 @@ class LocalSGDOptimizer(Optimizer):
         self._comm_dtype = comm_dtype
         self._overlap_steps = overlap_steps
         self._on_nonfinite = on_nonfinite
+        self._warmup_steps = warmup_steps
+        self._local_period = local_period
+        self._local_group: dist.ProcessGroup | None = None
+        self._local_averager: BucketedAverager | None = None
+        self._gradient_averager: GradientAverager | None = None
+        self._outer_factory = outer_optimizer
+        self._outer: Optimizer | None = None
+        self._outer_params: list[Tensor] = []
+        self._local_rounds = 0
         self._stats = CommStats()
         self._extra_params: list[Tensor] = []
         self._micro_steps = 0
         self._optimizer_steps = 0
         self._averaging_rounds = 0
         self._last_round_step = 0
+        self._next_round_step = 0
         self._closed = False
         self._averager: BucketedAverager | None = None
         self._plan_key: tuple[Hashable, ...] | None = None
@@ -427,10 +520,19 @@ class LocalSGDOptimizer(Optimizer):
                     state, process_group, bucket_cap_mb
                 )
                 self._versions_after_broadcast = [t._version for t in state]
+            if local_period is not None:
+                self._local_group = self._build_local_group(local_group)
             self._build_averager()
             if broadcast_initial:
                 # Every rank now holds rank 0's values: the reference for 16-bit deltas.
                 self._require_averager().set_anchor_from_tensors()
+                if self._local_averager is not None:
+                    self._local_averager.set_anchor_from_tensors()
+            if warmup_steps and ddp is None:
+                self._gradient_averager = GradientAverager(process_group, bucket_cap_mb)
+        if outer_optimizer is not None:
+            self._build_outer_optimizer()
+        self._next_round_step = warmup_steps + self._period_from(warmup_steps)
         self._log_settings()
 
     def _log_settings(self) -> None:
@@ -509,9 +611,34 @@ class LocalSGDOptimizer(Optimizer):
         return self._model
 
     @property
-    def period(self) -> int:
-        """Optimizer steps between averaging rounds."""
+    def period(self) -> int | PeriodSchedule:
+        """Optimizer steps between averaging rounds, or the schedule that gives them."""
         return self._period
+
+    @property
+    def next_round_step(self) -> int:
+        """The optimizer step at which the next averaging round runs."""
+        return self._next_round_step
+
+    @property
+    def warmup_steps(self) -> int:
+        """Synchronous optimizer steps (gradients averaged) before local SGD begins."""
+        return self._warmup_steps
+
+    @property
+    def local_period(self) -> int | None:
+        """Optimizer steps between rounds inside the local subgroup, if two-level."""
+        return self._local_period
+
+    @property
+    def local_rounds(self) -> int:
+        """Rounds inside the local subgroup so far (two-level averaging)."""
+        return self._local_rounds
+
+    @property
+    def outer_optimizer(self) -> Optimizer | None:
+        """The outer optimizer that steps the kept parameters at each round, if any."""
+        return self._outer
 
     @property
     def accumulation_steps(self) -> int:
@@ -637,8 +764,15 @@ class LocalSGDOptimizer(Optimizer):
             self._rescale_gradients(multiplier=grad_scale.double().reciprocal().float())
         elif self._accumulation_steps > 1:
             self._rescale_gradients(divisor=self._accumulation_steps)
+        skip = found_inf is not None and bool(found_inf.item())
+        if self._in_warmup and self._gradient_averager is not None:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            self._gradient_averager.average(grads)
+            if found_inf is not None:
+                # One rank's overflow reached every rank through the average: all skip alike.
+                skip = not self._gradient_averager.finite(grads)
         loss = None
-        if found_inf is None or not bool(found_inf.item()):
+        if not skip:
             loss = self._base.step() if closure is None else self._base.step(closure)
         self._optimizer_steps += 1
         if self._enabled:
@@ -646,9 +780,52 @@ class LocalSGDOptimizer(Optimizer):
                 self._optimizer_steps - self._last_round_step >= self._overlap_steps
             ):
                 self._require_averager().finish()
-            if self._optimizer_steps % self._period == 0:
+            if self._optimizer_steps >= self._next_round_step:
                 self._round(blocking=self._overlap_steps == 0)
+                self._next_round_step = self._optimizer_steps + self._period_from(
+                    self._optimizer_steps
+                )
+            elif self._local_round_due():
+                self._local_round()
         return loss
+
+    @property
+    def _in_warmup(self) -> bool:
+        return self._enabled and self._optimizer_steps < self._warmup_steps
+
+    def _ddp_averages_now(self) -> bool:
+        """For the DDP hook: whether this backward ends a window of a warm-up step."""
+        return (
+            self._in_warmup
+            and self._world_size > 1
+            and (self._micro_steps + 1) % self._accumulation_steps == 0
+        )
+
+    def _period_from(self, step: int) -> int:
+        """The number of optimizer steps from a round at ``step`` to the next one."""
+        if not callable(self._period):
+            return self._period
+        returned: object = self._period(step)
+        try:
+            value = -1 if isinstance(returned, bool) else operator.index(returned)  # type: ignore[arg-type]
+        except TypeError:
+            value = -1
+        if value < 1:
+            raise ValueError(
+                f"the period schedule {self._period!r} returned {returned!r} at optimizer step "
+                f"{step}; it must return a positive integer"
+            )
+        if self._overlap_steps >= value:
+            raise ValueError(
+                f"the period schedule returned {value} at optimizer step {step}, not more than "
+                f"overlap_steps={self._overlap_steps}: a round must land before the next starts"
+            )
+        return value
+
+    def _local_round_due(self) -> bool:
+        if self._local_period is None or self._optimizer_steps <= self._warmup_steps:
+            return False
+        return (self._optimizer_steps - self._warmup_steps) % self._local_period == 0
 
     @torch.no_grad()
     def _rescale_gradients(self, *, divisor: int = 1, multiplier: Tensor | None = None) -> None:
@@ -725,7 +902,56 @@ class LocalSGDOptimizer(Optimizer):
             stats=self._stats,
             on_nonfinite=self._on_nonfinite,
         )
+        if self._local_group is not None:
+            self._local_averager = BucketedAverager(
+                tensors,
+                self._local_group,
+                bucket_cap_mb=self._bucket_cap_mb,
+                comm_dtype=self._comm_dtype,
+                stats=self._stats,
+                on_nonfinite=self._on_nonfinite,
+            )
         self._plan_key = self._current_plan_key()
+
+    def _build_local_group(self, local_group: object) -> dist.ProcessGroup:
+        """This rank's subgroup for two-level averaging, checked to partition the group."""
+        if local_group is None or local_group == "node":
+            size = int(os.environ.get("LOCAL_WORLD_SIZE", "0"))
+            if size < 1 or self._process_group is not None or self._world_size % size:
+                raise ValueError(
+                    "local_group='node' builds one subgroup per node from LOCAL_WORLD_SIZE "
+                    "(set by torchrun) over the default group, and needs a world size that is "
+                    f"a multiple of it (LOCAL_WORLD_SIZE={size or 'unset'}, world size "
+                    f"{self._world_size}); otherwise pass this rank's subgroup, e.g. from "
+                    "torch.distributed.new_subgroups()"
+                )
+            group, _ = dist.new_subgroups(group_size=size)
+        else:
+            assert isinstance(local_group, dist.ProcessGroup)
+            group = local_group
+        members = dist.get_process_group_ranks(group) if dist.get_rank(group) >= 0 else []
+        everyone: list[list[int] | None] = [None] * self._world_size
+        dist.all_gather_object(everyone, members, group=self._process_group)
+        ranks = (
+            dist.get_process_group_ranks(self._process_group)
+            if self._process_group is not None
+            else list(range(self._world_size))
+        )
+        problems = []
+        for rank, mine in zip(ranks, everyone):
+            if not mine or rank not in mine:
+                problems.append(f"rank {rank} is not in its own subgroup")
+            elif any(everyone[ranks.index(q)] != mine for q in mine if q in ranks):
+                problems.append(f"rank {rank}'s subgroup {mine} is not the same on its members")
+            elif not set(mine) <= set(ranks):
+                problems.append(f"rank {rank}'s subgroup {mine} reaches outside the group")
+        if problems:
+            raise ValueError(
+                "local_group must split the ranks into disjoint subgroups that cover them all: "
+                + "; ".join(problems[:3])
+                + ". Build the subgroups on every rank, e.g. with torch.distributed.new_subgroups"
+            )
+        return group
 
     def _require_averager(self) -> BucketedAverager:
         if self._averager is None:  # pragma: no cover - built whenever the wrapper communicates
@@ -784,13 +1010,23 @@ class LocalSGDOptimizer(Optimizer):
             "Every rank must build the same model and pass the same arguments."
         )
 
+    def _refresh_plan(self) -> None:
+        if self._current_plan_key() != self._plan_key:
+            # Parameters were unfrozen, added or replaced since the last round.
+            self._check_ranks_agree()
+            self._build_averager()
+
+    def _local_round(self) -> None:
+        if self._communicates:
+            self._refresh_plan()
+            if self._local_averager is not None:
+                self._local_averager.average(self._optimizer_steps)
+        self._local_rounds += 1
+
     def _round(self, blocking: bool = True) -> None:
         if self._communicates:
             self._require_averager().finish()  # a round in flight lands first
-            if self._current_plan_key() != self._plan_key:
-                # Parameters were unfrozen, added or replaced since the last round.
-                self._check_ranks_agree()
-                self._build_averager()
+            self._refresh_plan()
             averager = self._require_averager()
             before = dataclasses.replace(self._stats)
             if blocking:
@@ -808,8 +1044,65 @@ class LocalSGDOptimizer(Optimizer):
                     1e3 * (self._stats.round_seconds - before.round_seconds),
                     1e3 * (self._stats.comm_seconds - before.comm_seconds),
                 )
+        if self._outer is not None:
+            self._outer_step()
+        if self._averager is not None and self._outer is not None:
+            self._averager.set_anchor_from_tensors()  # deltas are taken from the outer step's
+        if self._local_averager is not None:
+            self._local_averager.set_anchor_from_tensors()
         self._averaging_rounds += 1
         self._last_round_step = self._optimizer_steps
+
+    # --- the outer optimizer -----------------------------------------------------------------
+
+    def _outer_sources(self) -> list[Tensor]:
+        return [
+            t
+            for kind, _, t, averaged in self._named_averaged_state()
+            if kind == "parameter" and averaged
+        ]
+
+    def _build_outer_optimizer(self) -> None:
+        assert self._outer_factory is not None
+        sources = self._outer_sources()
+        self._outer_params = [p.detach().clone() for p in sources]
+        for kept in self._outer_params:
+            kept.grad = torch.zeros_like(kept)
+        outer = self._outer_factory(self._outer_params)
+        if not isinstance(outer, Optimizer):
+            raise TypeError(
+                "outer_optimizer must return a torch.optim.Optimizer built on the tensors it "
+                f"is given, got {type(outer).__name__}"
+            )
+        self._outer = outer
+        self._outer_plan = [id(t) for t in sources]
+        # Without the initial broadcast the ranks start apart: the first round's average is
+        # the outer optimizer's starting point, and its first step comes at the second round.
+        self._outer_ready = self._broadcast_initial or not self._communicates
+
+    @torch.no_grad()
+    def _outer_step(self) -> None:
+        assert self._outer is not None
+        sources = self._outer_sources()
+        if [id(t) for t in sources] != self._outer_plan:
+            warnings.warn(
+                "LocalSGDOptimizer: the averaged parameters changed (unfrozen, added or "
+                "replaced); the outer optimizer starts again from the current average, its "
+                "state reset",
+                stacklevel=4,
+            )
+            self._build_outer_optimizer()
+            self._outer_ready = False
+        if not self._outer_ready:
+            _copy_all(self._outer_params, sources)
+            self._outer_ready = True
+            return
+        # The pseudo-gradient: where the last round left the parameters minus the mean now.
+        grads = [kept.grad for kept in self._outer_params]
+        _copy_all(grads, self._outer_params)  # type: ignore[arg-type]
+        torch._foreach_sub_(grads, sources)  # type: ignore[arg-type]
+        self._outer.step()
+        _copy_all(sources, self._outer_params)
 
     def average(self) -> None:
         """Run a blocking averaging round now, outside the ``period`` schedule.
@@ -860,9 +1153,8 @@ class LocalSGDOptimizer(Optimizer):
 
     # --- DDP ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _detach_from_ddp(model: DistributedDataParallel) -> None:
-        model.register_comm_hook(None, _keep_gradients_local)
+    def _detach_from_ddp(self, model: DistributedDataParallel) -> None:
+        model.register_comm_hook(weakref.ref(self), _local_sgd_ddp_hook)
         # Buffers are averaged at rounds; rank 0's copy must not overwrite them every forward.
         model.broadcast_buffers = False
 
@@ -887,7 +1179,11 @@ class LocalSGDOptimizer(Optimizer):
             "optimizer_steps": self._optimizer_steps,
             "averaging_rounds": self._averaging_rounds,
             "last_round_step": self._last_round_step,
-            "period": self._period,
+            "next_round_step": self._next_round_step,
+            "local_rounds": self._local_rounds,
+            "period": None if callable(self._period) else self._period,
+            "warmup_steps": self._warmup_steps,
+            "local_period": self._local_period,
             "accumulation_steps": self._accumulation_steps,
             "average_buffers": self._average_buffers,
             "bucket_cap_mb": self._bucket_cap_mb,
@@ -900,6 +1196,14 @@ class LocalSGDOptimizer(Optimizer):
         if self._averager is not None:
             ours["anchor"] = [a.clone() for a in self._averager.anchor_tensors()]
             ours["pending"] = self._averager.pending_state()
+        if self._local_averager is not None:
+            ours["local_anchor"] = [a.clone() for a in self._local_averager.anchor_tensors()]
+        if self._outer is not None:
+            ours["outer"] = {
+                "params": [kept.detach().clone() for kept in self._outer_params],
+                "state": self._outer.state_dict(),
+                "ready": self._outer_ready,
+            }
         state_dict[_STATE_KEY] = ours
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
@@ -933,12 +1237,37 @@ class LocalSGDOptimizer(Optimizer):
             )
             ours = {name: 0 for name in _COUNTERS}
             ours.update({name: getattr(self, "_" + name) for name in _SETTINGS})
+            ours["period"] = None if callable(self._period) else self._period
+            ours["warmup_steps"] = self._warmup_steps
+            ours["local_period"] = self._local_period
             ours.update({name: getattr(self, "_" + name) for name in _COMM_SETTINGS})
             ours["comm_dtype"] = _COMM_DTYPE_NAMES[self._comm_dtype]
         loaded = self._validate_loaded(ours)
+        if loaded["period"] is None or callable(self._period):
+            if loaded["period"] is not None:
+                warnings.warn(
+                    "LocalSGDOptimizer.load_state_dict: the checkpoint has period="
+                    f"{loaded['period']}; this optimizer keeps its period schedule",
+                    stacklevel=2,
+                )
+            loaded["period"] = self._period  # a schedule is code: the constructor's stays
+        if loaded["local_period"] != self._local_period:
+            raise ValueError(
+                f"the checkpoint was taken with local_period={loaded['local_period']}, this "
+                f"LocalSGDOptimizer has local_period={self._local_period}; build it with the "
+                "checkpoint's two-level setting to resume"
+            )
+        if (loaded["outer"] is None) != (self._outer is None):
+            raise ValueError(
+                "the checkpoint was taken "
+                + ("with" if loaded["outer"] is not None else "without")
+                + " an outer_optimizer and this LocalSGDOptimizer has "
+                + ("none" if self._outer is None else "one")
+                + "; build it the same way to resume"
+            )
         self._base.load_state_dict(state_dict)
 
-        settings = _SETTINGS + tuple(_COMM_SETTINGS)
+        settings = (*_SETTINGS, *_COMM_SETTINGS, "warmup_steps")
         changed = [
             f"{name}={loaded[name]!r} (was {getattr(self, '_' + name)!r})"
             for name in settings
@@ -951,8 +1280,25 @@ class LocalSGDOptimizer(Optimizer):
                 stacklevel=2,
             )
         rebuild = any(loaded[name] != getattr(self, "_" + name) for name in _COMM_SETTINGS)
-        for name in _COUNTERS + settings:
+        for name in (*_COUNTERS, *_NEW_COUNTERS, *settings):
             setattr(self, "_" + name, loaded[name])
+        if self._warmup_steps and self._communicates and _inner_ddp(self._model) is None:
+            self._gradient_averager = self._gradient_averager or GradientAverager(
+                self._process_group, self._bucket_cap_mb
+            )
+        outer = loaded["outer"]
+        if isinstance(outer, dict) and self._outer is not None:
+            kept = outer["params"]
+            if len(kept) != len(self._outer_params) or any(
+                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(kept, self._outer_params)
+            ):
+                raise ValueError(
+                    "the checkpoint's outer optimizer parameters do not match this model's"
+                )
+            with torch.no_grad():
+                _copy_all(self._outer_params, list(kept))
+            self._outer.load_state_dict(outer["state"])
+            self._outer_ready = bool(outer["ready"])
         stats = loaded["stats"]
         assert isinstance(stats, dict)
         self._stats.__init__(**stats)  # type: ignore[misc]
@@ -961,6 +1307,8 @@ class LocalSGDOptimizer(Optimizer):
                 self._build_averager()
             self._averager.load_anchor_tensors(loaded["anchor"])  # type: ignore[arg-type]
             self._averager.load_pending_state(loaded["pending"])  # type: ignore[arg-type]
+        if self._local_averager is not None:
+            self._local_averager.load_anchor_tensors(loaded["local_anchor"])  # type: ignore[arg-type]
         elif loaded["pending"] is not None:
             warnings.warn(
                 "LocalSGDOptimizer.load_state_dict: the checkpoint holds a round in flight, "
@@ -982,7 +1330,7 @@ class LocalSGDOptimizer(Optimizer):
                 f"the state dict's 'local_sgd' entry must be a dict, got {type(ours).__name__}"
             )
         version = ours.get("version", _STATE_VERSION)
-        defaults = dict(_COMM_SETTINGS) if version == 1 else {}
+        defaults = dict(_COMM_SETTINGS) if version in (1, 2) else {}
         missing = [
             name
             for name in _COUNTERS + _SETTINGS + tuple(_COMM_SETTINGS)
@@ -995,6 +1343,8 @@ class LocalSGDOptimizer(Optimizer):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(f"counter {name} must be a non-negative integer, got {value!r}")
         for name in ("period", "accumulation_steps"):
+            if name == "period" and ours[name] is None:
+                continue  # saved from a period schedule
             _check_positive_int(f"the state dict's 'local_sgd' setting {name}", ours[name])
         _check_bool("the state dict's 'local_sgd' setting average_buffers", ours["average_buffers"])
         if ours["last_round_step"] > ours["optimizer_steps"]:
@@ -1006,7 +1356,9 @@ class LocalSGDOptimizer(Optimizer):
         comm = {name: ours.get(name, defaults.get(name)) for name in _COMM_SETTINGS}
         try:
             loaded["bucket_cap_mb"] = _check_bucket_cap(comm["bucket_cap_mb"])
-            loaded["overlap_steps"] = _check_overlap_steps(comm["overlap_steps"], ours["period"])
+            loaded["overlap_steps"] = _check_overlap_steps(
+                comm["overlap_steps"], ours["period"] or 0
+            )
         except ValueError as problem:
             raise bad(f"setting is invalid: {problem}") from None
         if comm["on_nonfinite"] not in ("raise", "skip"):
@@ -1014,6 +1366,46 @@ class LocalSGDOptimizer(Optimizer):
                 f"setting on_nonfinite must be 'raise' or 'skip', got {comm['on_nonfinite']!r}"
             )
         loaded["on_nonfinite"] = comm["on_nonfinite"]
+        # Version 3: the schedule's next round, warm-up, two-level and outer state.
+        try:
+            warmup = _check_non_negative_int("warmup_steps", ours.get("warmup_steps", 0))
+            local_rounds = _check_non_negative_int("local_rounds", ours.get("local_rounds", 0))
+            local_period = ours.get("local_period")
+            if local_period is not None:
+                local_period = _check_positive_int("local_period", local_period)
+        except ValueError as problem:
+            raise bad(f"entry is invalid: {problem}") from None
+        steps, period = ours["optimizer_steps"], ours["period"]
+        if "next_round_step" in ours:
+            next_round = ours["next_round_step"]
+            if isinstance(next_round, bool) or not isinstance(next_round, int) or next_round < 1:
+                raise bad(f"counter next_round_step must be a positive integer, got {next_round!r}")
+        elif isinstance(period, int):  # an older checkpoint: rounds fell on multiples of period
+            next_round = warmup + period * (max(0, steps - warmup) // period + 1)
+        else:
+            raise bad("entry lacks next_round_step")
+        loaded.update(
+            warmup_steps=warmup,
+            local_rounds=local_rounds,
+            local_period=local_period,
+            next_round_step=next_round,
+        )
+        outer = ours.get("outer")
+        if outer is not None and not (
+            isinstance(outer, dict)
+            and isinstance(outer.get("params"), list)
+            and all(isinstance(t, Tensor) for t in outer["params"])
+            and isinstance(outer.get("state"), dict)
+            and isinstance(outer.get("ready"), bool)
+        ):
+            raise bad("outer must be None or a dict of 'params' (tensors), 'state' and 'ready'")
+        loaded["outer"] = outer
+        local_anchor = ours.get("local_anchor", [])
+        if not isinstance(local_anchor, list) or not all(
+            isinstance(t, Tensor) for t in local_anchor
+        ):
+            raise bad("local_anchor must be a list of tensors")
+        loaded["local_anchor"] = local_anchor
         world = ours.get("world_size", self._world_size)
         if world != self._world_size:
             raise ValueError(

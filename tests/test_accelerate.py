@@ -20,6 +20,7 @@ import torch
 from _common import mlp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from local_sgd_optim import LocalSGDOptimizer
 from local_sgd_optim.accelerate import _ddp_wrappers_of, _keep_ddp_gradients_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,13 +173,15 @@ def test_finds_the_ddp_wrapper_through_torch_compile(single_rank_group: None) ->
 def test_keeps_gradients_local_once_and_refuses_a_foreign_hook(single_rank_group: None) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    ddp = DDP(mlp())
-    _keep_ddp_gradients_local(ddp)
-    _keep_ddp_gradients_local(ddp)  # a second call (or one after LocalSGDOptimizer's) is a no-op
+    inner = mlp()
+    opt = LocalSGDOptimizer(torch.optim.SGD(inner.parameters(), lr=0.1), inner, period=2)
+    ddp = DDP(inner)
+    _keep_ddp_gradients_local(opt, ddp)
+    _keep_ddp_gradients_local(opt, ddp)  # a second call (or one after the optimizer's): no-op
     assert len(ddp._comm_hooks) == 1
     assert ddp.broadcast_buffers is False
 
     other = DDP(mlp())
     other.register_comm_hook(None, allreduce_hook)
     with pytest.raises(RuntimeError, match="already has a communication hook"):
-        _keep_ddp_gradients_local(other)
+        _keep_ddp_gradients_local(opt, other)

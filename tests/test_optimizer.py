@@ -390,11 +390,14 @@ def test_loads_a_version_one_checkpoint_with_default_communication_settings() ->
     old = opt.state_dict()
     for key in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "on_nonfinite", "stats"):
         del old["local_sgd"][key]
+    for key in ("next_round_step", "local_rounds", "warmup_steps", "local_period"):
+        del old["local_sgd"][key]
     old["local_sgd"]["version"] = 1
     old["local_sgd"]["optimizer_steps"] = 9
     opt.load_state_dict(old)
     assert opt.optimizer_steps == 9 and opt.comm_dtype is None and opt.overlap_steps == 0
-    old["local_sgd"]["version"] = 2  # a version 2 checkpoint must have them
+    assert opt.next_round_step == 12  # rounds on multiples of the period, as version 1 had them
+    old["local_sgd"]["version"] = 3  # a version 3 checkpoint must have them
     with pytest.raises(ValueError, match="lacks bucket_cap_mb, comm_dtype, overlap_steps, on_non"):
         opt.load_state_dict(old)
 

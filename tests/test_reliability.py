@@ -99,9 +99,8 @@ def _out_of_step() -> tuple[str, str]:
     model = mlp()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
     state = opt.state_dict()
-    state["local_sgd"]["optimizer_steps"] = state["local_sgd"]["micro_steps"] = (
-        8 if rank() == 0 else 4
-    )
+    steps = 8 if rank() == 0 else 4
+    state["local_sgd"].update(optimizer_steps=steps, micro_steps=steps, next_round_step=steps + 4)
     opt.load_state_dict(state)
     before = flat_params(model)
 
