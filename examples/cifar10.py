@@ -12,7 +12,7 @@ Offline, anywhere, in a minute or two on 2 CPU cores (a narrow ResNet-18 on synt
 CIFAR-shaped data)::
 
     torchrun --standalone --nproc_per_node 2 examples/cifar10.py --data synthetic --width 16 \
-        --epochs 3 --batch-size 32 --period 4 --out-dir runs/synthetic-local-sgd
+        --epochs 2 --batch-size 32 --period 4
 
 One node, one GPU per process (CIFAR-10 is downloaded into ``--data-dir``)::
 
@@ -33,8 +33,9 @@ CPU only, on a machine that has GPUs::
 Resume after an interruption with the same command plus ``--resume``: training continues from
 the latest complete checkpoint in ``--checkpoint-dir`` with no step repeated or skipped.
 
-Outputs, in ``--out-dir``: ``metrics.jsonl`` (one JSON object per line), ``checkpoints/ckpt-STEP/``
-(one ``rankN.pt`` per rank and a ``COMPLETE`` marker written last) and ``final_model.pt`` (the
+Outputs, in ``--out-dir``: ``metrics.jsonl`` (one JSON object per line; plot it with
+``examples/plot_metrics.py``), ``checkpoints/step-N/`` (each rank's ``rankN.pt`` and a
+``COMPLETE`` marker written last, by ``local_sgd_optim.checkpoint``) and ``final_model.pt`` (the
 averaged model, loadable with ``torch.load(..., weights_only=True)``).
 """
 
@@ -46,7 +47,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 import urllib.error
@@ -63,12 +63,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from local_sgd_optim import LocalSGDOptimizer
+from local_sgd_optim import LocalSGDOptimizer, checkpoint
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-CHECKPOINT_FORMAT = 1
-COMPLETE_MARKER = "COMPLETE"
 COMM_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Settings that decide which sample comes next and what the state means: a checkpoint taken with
 # other values cannot be continued exactly.
@@ -221,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="CHECKPOINT",
         help="continue from the latest complete checkpoint in --checkpoint-dir, or from the "
-        "given ckpt-STEP directory",
+        "given step-N directory",
     )
     add(
         "--reshard",
@@ -515,148 +513,47 @@ class CommTracker:
 # --- checkpoints ---------------------------------------------------------------------------
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Random states as tensors and plain containers, so ``weights_only=True`` loads them."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+def find_checkpoint(args: argparse.Namespace, rank: int) -> Path | None:
+    """The checkpoint ``--resume`` names: the newest complete one, or the directory given.
 
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it visible
-    os.replace(tmp, path)
-
-
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """``ckpt-STEP`` directories under ``root``, newest first."""
-    found = [p for p in root.glob("ckpt-*") if p.is_dir() and p.name[5:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
-
-
-def save_checkpoint(
-    root: Path, step: int, state: dict[str, Any], rank: int, world_size: int, keep: int
-) -> None:
-    """Each rank writes its own file; rank 0 writes the marker once all of them have.
-
-    .. warning::
-        Every rank must call this at the same step.
+    Rank 0 looks (incomplete or truncated checkpoints are skipped with a warning) and tells
+    the others, so that every rank resumes from the same one.
     """
-    directory = root / f"ckpt-{step:06d}"
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_save(state, directory / f"rank{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        marker = {"step": step, "world_size": world_size, "epoch": state["epoch"]}
-        tmp = directory / (COMPLETE_MARKER + ".tmp")
-        tmp.write_text(json.dumps(marker) + "\n")
-        os.replace(tmp, directory / COMPLETE_MARKER)
-        complete = [p for p in checkpoint_dirs(root) if (p / COMPLETE_MARKER).exists()]
-        for old in complete[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def find_checkpoint(args: argparse.Namespace, rank: int) -> tuple[Path, dict[str, Any]] | None:
-    """The checkpoint to resume from and its marker: the newest complete one, or the one named.
-
-    Incomplete directories (no marker: the run stopped while writing) and ones with a file that
-    does not load on some rank are skipped with a warning. Every rank reaches the same answer.
-    """
-    if args.resume == "latest":
-        names = [str(p) for p in checkpoint_dirs(args.checkpoint_dir)] if rank == 0 else []
-        candidates = [Path(p) for p in broadcast_from_rank0(names)]
-    else:
-        candidates = [Path(args.resume)]
-    for directory in candidates:
-        marker_path = directory / COMPLETE_MARKER
-        if not marker_path.exists():
-            if rank == 0:
-                warnings.warn(
-                    f"skipping incomplete checkpoint {directory} (no marker)", stacklevel=2
-                )
-            continue
-        marker = json.loads(marker_path.read_text())
-        files = [directory / f"rank{r}.pt" for r in range(marker["world_size"])]
-        ok = all(f.exists() for f in files)
-        if ok:
-            try:  # a truncated file fails here rather than after training has restarted
-                torch.load(files[rank % len(files)], map_location="cpu", weights_only=True)
-            except Exception:  # any unreadable file means: try an older checkpoint
-                ok = False
-        if all_ranks_ok(ok):
-            return directory, marker
-        if rank == 0:
-            warnings.warn(f"skipping unreadable checkpoint {directory}", stacklevel=2)
-    return None
-
-
-def average_states(states: list[Any]) -> Any:
-    """The element-wise mean of matching nested dicts/lists of tensors (integers from the first)."""
-    first = states[0]
-    if isinstance(first, dict):
-        return {k: average_states([s[k] for s in states]) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(average_states(list(s)) for s in zip(*states))
-    if isinstance(first, Tensor) and first.is_floating_point() and first.dim() > 0:
-        return torch.stack(states).mean(dim=0)
-    return first
+    if args.resume != "latest":
+        return Path(args.resume)
+    found = checkpoint.latest(args.checkpoint_dir) if rank == 0 else None
+    path = broadcast_from_rank0(None if found is None else str(found[1]))
+    return None if path is None else Path(path)
 
 
 def load_checkpoint(
-    directory: Path, marker: dict[str, Any], args: argparse.Namespace, rank: int, world_size: int
+    path: Path, args: argparse.Namespace, rank: int, world_size: int
 ) -> dict[str, Any]:
-    """This rank's state from ``directory``; with ``--reshard``, the mean over the old ranks."""
-    old_world = marker["world_size"]
-    if old_world == world_size:
-        state = torch.load(directory / f"rank{rank}.pt", map_location="cpu", weights_only=True)
-    elif not args.reshard:
-        raise SystemExit(
-            f"{directory} was written by {old_world} rank(s) but this run has {world_size}: each "
-            "rank's model and optimizer state differ between averaging rounds, so they cannot "
-            "be mapped onto another number of ranks exactly. Launch with --nproc_per_node "
-            f"{old_world} in all, or pass --reshard to average them and continue approximately"
-        )
-    else:
-        states = [
-            torch.load(directory / f"rank{r}.pt", map_location="cpu", weights_only=True)
-            for r in range(old_world)
-        ]
-        state = dict(states[0])
-        state["model"] = average_states([s["model"] for s in states])
-        state["optimizer"] = average_states([s["optimizer"] for s in states])
-        # Restart the epoch at the batch that covers as many samples as were consumed.
-        consumed = state["batches_done"] * args.batch_size * old_world
-        window = args.batch_size * world_size * args.accumulation_steps
-        state["batches_done"] = consumed // window * args.accumulation_steps
-        state["rng"] = None
-        if rank == 0:
-            warnings.warn(
-                f"re-sharded {directory} from {old_world} to {world_size} rank(s): models and "
-                "optimizer states averaged; the run is not an exact continuation",
-                stacklevel=2,
-            )
-    saved_args = state["args"]
-    different = [k for k in RESUME_MUST_MATCH if saved_args.get(k) != getattr(args, k)]
+    """This rank's state from ``path``; with ``--reshard``, the mean over the old ranks."""
+    try:
+        state = checkpoint.load(path, reshard=args.reshard)
+    except ValueError as error:
+        raise SystemExit(f"{error}. From this script: pass --reshard") from None
+    saved = state["args"]
+    different = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(args, k)]
     if different:
         raise SystemExit(
-            f"{directory} was taken with different settings: "
-            + ", ".join(f"--{k.replace('_', '-')} {saved_args.get(k)}" for k in different)
+            f"{path} was taken with different settings: "
+            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)}" for k in different)
             + "; resume with the same ones"
         )
+    if state["world_size"] != world_size:
+        # Re-sharded: restart the epoch at the batch that covers as many samples as had been
+        # consumed (the samples are dealt out to the ranks differently now).
+        consumed = state["batches_done"] * args.batch_size * state["world_size"]
+        window = args.batch_size * world_size * args.accumulation_steps
+        state["batches_done"] = consumed // window * args.accumulation_steps
+        if rank == 0:
+            warnings.warn(
+                f"re-sharded {path} from {state['world_size']} to {world_size} rank(s): models "
+                "and optimizer states averaged; the run is not an exact continuation",
+                stacklevel=2,
+            )
     return state
 
 
@@ -806,17 +703,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.resume and found is None and rank == 0:
         print(f"no complete checkpoint in {args.checkpoint_dir}; starting from scratch", flush=True)
     if found is not None:
-        state = load_checkpoint(*found, args, rank, world_size)
+        state = load_checkpoint(found, args, rank, world_size)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if state["rng"] is not None:
-            set_rng_state(state["rng"], device)
+        if state["rng"] is not None:  # None after re-sharding
+            checkpoint.set_rng_state(state["rng"])
         start_epoch, batches_done = state["epoch"], state["batches_done"]
         comm.bytes_before = state["bytes_communicated"]
         wall_before = state["wall_time"]
         if rank == 0:
-            print(f"resumed from {found[0]} at step {opt.optimizer_steps}", flush=True)
+            print(f"resumed from {found} at step {opt.optimizer_steps}", flush=True)
     metrics = MetricsLog(
         args.out_dir / "metrics.jsonl", rank, opt.optimizer_steps if found else None
     )
@@ -838,12 +735,11 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
 
-    def checkpoint(epoch: int, batches: int) -> None:
+    def save(epoch: int, batches: int) -> None:
+        """Every rank saves its own state (they differ between rounds); rank 0 marks it done."""
         if batches == steps_per_epoch * args.accumulation_steps:
             epoch, batches = epoch + 1, 0  # an epoch's end is the next one's start
         state = {
-            "format": CHECKPOINT_FORMAT,
-            "rank": rank,
             "world_size": world_size,
             "step": opt.optimizer_steps,
             "epoch": epoch,
@@ -851,14 +747,12 @@ def main(argv: list[str] | None = None) -> None:
             "model": net.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng_state(device),
+            "rng": checkpoint.rng_state(),
             "bytes_communicated": comm.bytes,
             "wall_time": wall_before + time.perf_counter() - started,
             "args": {k: getattr(args, k) for k in RESUME_MUST_MATCH},
         }
-        save_checkpoint(
-            args.checkpoint_dir, opt.optimizer_steps, state, rank, world_size, args.keep_checkpoints
-        )
+        checkpoint.save(args.checkpoint_dir, opt.optimizer_steps, state, keep=args.keep_checkpoints)
 
     def test(**extra: Any) -> tuple[float, float]:
         """Evaluate on the test set and write an ``eval`` metrics record."""
@@ -950,7 +844,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 tick = time.perf_counter()
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or step == max_steps:
-                checkpoint(epoch, batch)
+                save(epoch, batch)
                 saved_at = step
             epoch_ends = batch >= steps_per_epoch * args.accumulation_steps
             if step >= max_steps or epoch_ends:
@@ -964,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
         if bar is not None:
             bar.close()
         if saved_at != opt.optimizer_steps:
-            checkpoint(epoch, batch)
+            save(epoch, batch)
             saved_at = opt.optimizer_steps
         finished = opt.optimizer_steps >= max_steps
         if finished:

@@ -83,10 +83,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     _check_ok(out["stop_proc"])  # the runs below build on this one
     out["stopped_dirs"] = sorted(p.name for p in (part / "checkpoints").iterdir())
     out["stopped_ckpt"] = tmp / "stopped-ckpt"  # kept aside: the resumed run prunes it
-    shutil.copytree(part / "checkpoints" / f"ckpt-{STOP:06d}", out["stopped_ckpt"])
+    shutil.copytree(part / "checkpoints" / f"step-{STOP:08d}", out["stopped_ckpt"])
     # A crash while checkpointing leaves a directory without its marker: resume must skip it.
-    (part / "checkpoints" / "ckpt-000099").mkdir()
-    (part / "checkpoints" / "ckpt-000099" / "rank0.pt").write_bytes(b"truncated")
+    (part / "checkpoints" / "step-00000099").mkdir()
+    (part / "checkpoints" / "step-00000099" / "rank0.pt").write_bytes(b"truncated")
     out["resume_proc"] = _run([*COMMON, "--out-dir", str(part), "--resume"])
     out["ddp"] = ddp = tmp / "ddp"
     out["ddp_proc"] = _run([*COMMON, "--mode", "ddp", "--out-dir", str(ddp), "--max-steps", "8"])
@@ -129,10 +129,11 @@ def test_runs_learns_and_reports(runs: dict[str, Any]) -> None:
 def test_checkpoints_are_per_rank_and_complete(runs: dict[str, Any]) -> None:
     _check_ok(runs["stop_proc"])
     # Checkpoints at steps 3, 6, 8 (epoch end), 9 and 11 (the stop); only the last two are kept.
-    assert runs["stopped_dirs"] == ["ckpt-000009", "ckpt-000011"]
+    assert runs["stopped_dirs"] == ["step-00000009", "step-00000011"]
     ckpt = runs["stopped_ckpt"]
     assert sorted(p.name for p in ckpt.iterdir()) == ["COMPLETE", "rank0.pt", "rank1.pt"]
-    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": 11, "world_size": 2, "epoch": 1}
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    assert (marker["step"], marker["world_size"]) == (11, 2)
     rank0, rank1 = _load(ckpt / "rank0.pt"), _load(ckpt / "rank1.pt")
     assert (rank0["epoch"], rank0["batches_done"], rank0["step"]) == (1, 6, 11)
     assert rank0["optimizer"]["local_sgd"]["averaging_rounds"] == 2
@@ -147,8 +148,8 @@ def test_checkpoints_are_per_rank_and_complete(runs: dict[str, Any]) -> None:
 def test_resume_is_exact(runs: dict[str, Any]) -> None:
     proc = runs["resume_proc"]
     _check_ok(proc)
-    assert "skipping incomplete checkpoint" in proc.stderr
-    assert "resumed from " in proc.stdout and "ckpt-000011 at step 11" in proc.stdout
+    assert "skipping an unusable checkpoint" in proc.stderr and "step-00000099" in proc.stderr
+    assert "resumed from " in proc.stdout and "step-00000011 at step 11" in proc.stdout
     full, part = runs["full"], runs["part"]
     # No step repeated or lost: the resumed metrics file logs every step once.
     steps = [r["step"] for r in _records(part / "metrics.jsonl", "train")]
@@ -158,8 +159,8 @@ def test_resume_is_exact(runs: dict[str, Any]) -> None:
     a, b = _load(full / "final_model.pt"), _load(part / "final_model.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for rank in (0, 1):
-        a = _load(full / "checkpoints" / "ckpt-000024" / f"rank{rank}.pt")
-        b = _load(part / "checkpoints" / "ckpt-000024" / f"rank{rank}.pt")
+        a = _load(full / "checkpoints" / "step-00000024" / f"rank{rank}.pt")
+        b = _load(part / "checkpoints" / "step-00000024" / f"rank{rank}.pt")
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
         for i, state in a["optimizer"]["state"].items():
             assert torch.equal(
@@ -183,13 +184,24 @@ def test_resume_is_exact(runs: dict[str, Any]) -> None:
     assert final[0]["test_loss"] == final[1]["test_loss"]
 
 
-def test_resume_refuses_another_world_size(runs: dict[str, Any]) -> None:
+def test_resume_on_another_world_size(runs: dict[str, Any], tmp_path: Path) -> None:
     _check_ok(runs["resume_proc"])
-    proc = _run([*COMMON, "--out-dir", str(runs["part"]), "--resume"], nproc=None)
+    out = tmp_path / "part"
+    shutil.copytree(runs["part"], out)
+    args = [*COMMON, "--out-dir", str(out), "--resume"]
+    args[args.index("--epochs") + 1] = "4"  # the 2-rank run finished its 3 epochs
+    proc = _run(args, nproc=None)
     assert proc.returncode != 0
-    assert "written by 2 rank(s) but this run has 1" in proc.stderr
+    assert "written by 2 rank(s) but the world size is now 1" in proc.stderr
     assert "--reshard" in proc.stderr
     assert "Traceback" not in proc.stderr  # a message for the user, not a crash
+    # Asked to, one process continues from the two ranks' average.
+    proc = _run([*args, "--reshard", "--max-steps", "26"], nproc=None)
+    _check_ok(proc)
+    assert "re-sharded" in proc.stderr and "at step 24" in proc.stdout
+    state = _load(out / "checkpoints" / "step-00000026" / "rank0.pt")
+    assert (state["world_size"], state["epoch"], state["batches_done"]) == (1, 3, 4)
+    assert state["optimizer"]["local_sgd"]["world_size"] == 1
 
 
 def test_ddp_baseline(runs: dict[str, Any]) -> None:
@@ -204,7 +216,7 @@ def test_ddp_baseline(runs: dict[str, Any]) -> None:
     assert final["bytes_communicated"] == 8 * gradient_bytes
     assert final["averaging_rounds"] == 0
     # ... so the ranks' parameters never drift apart.
-    ckpt = runs["ddp"] / "checkpoints" / "ckpt-000008"
+    ckpt = runs["ddp"] / "checkpoints" / "step-00000008"
     rank0, rank1 = _load(ckpt / "rank0.pt")["model"], _load(ckpt / "rank1.pt")["model"]
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0 if not k.endswith(buffers))
 
