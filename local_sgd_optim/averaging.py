@@ -762,6 +762,7 @@ class GradientAverager:
     Args:
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
         bucket_cap_mb (float): bucket size in MiB (default: 25).
+        stats (CommStats, optional): where to add up bytes and waiting time (default: new).
 
     Example::
 
@@ -770,7 +771,13 @@ class GradientAverager:
         >>> grads.average([p.grad for p in model.parameters() if p.grad is not None])
     """
 
-    def __init__(self, process_group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0):
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None,
+        bucket_cap_mb: float = 25.0,
+        stats: CommStats | None = None,
+    ) -> None:
+        self.stats = CommStats() if stats is None else stats
         self.process_group = process_group
         self.world_size = group_size(process_group)
         self._cap_bytes = max(1, int(bucket_cap_mb * _MB))
@@ -791,6 +798,7 @@ class GradientAverager:
         """Replace every gradient by its mean over the ranks. Every rank must call it."""
         dense = [g for g in grads if not g.is_sparse]
         for sparse in (g for g in grads if g.is_sparse):
+            self.stats.bytes_communicated += sparse.coalesce().values().nbytes
             dist.all_reduce(sparse, group=self.process_group)
             sparse.div_(self.world_size)
         buckets = _cut_into_buckets(_group_by_device_and_dtype(dense), self._cap_bytes, None)
@@ -804,6 +812,7 @@ class GradientAverager:
             wire = self._slot(b.device, index % _POOL_SLOTS, b.wire_bytes).view(b.dtype)
             views = _shaped_views(wire, b.sources)
             _copy_all(views, b.sources)
+            self.stats.bytes_communicated += b.wire_bytes
             work = dist.all_reduce(wire, group=self.process_group, async_op=True)
             assert work is not None
             in_flight.append((b, wire, views, work))
@@ -811,7 +820,9 @@ class GradientAverager:
             self._land(*entry)
 
     def _land(self, b: _Bucket, wire: Tensor, views: list[Tensor], work: dist.Work) -> None:
+        began = time.perf_counter()
         work.wait()
+        self.stats.comm_seconds += time.perf_counter() - began
         wire.div_(self.world_size)
         _copy_all(b.sources, views)
 

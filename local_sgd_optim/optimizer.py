@@ -290,6 +290,7 @@ def _local_sgd_ddp_hook(state: object, bucket: Any) -> torch.futures.Future[Tens
         group = opt._process_group
         tensor = bucket.buffer()
         tensor.div_(group_size(group))
+        opt._stats.bytes_communicated += tensor.numel() * tensor.element_size()
         work = dist.all_reduce(tensor, group=group, async_op=True)
         assert work is not None
         return work.get_future().then(lambda done: done.value()[0])
@@ -529,7 +530,9 @@ class LocalSGDOptimizer(Optimizer):
                 if self._local_averager is not None:
                     self._local_averager.set_anchor_from_tensors()
             if warmup_steps and ddp is None:
-                self._gradient_averager = GradientAverager(process_group, bucket_cap_mb)
+                self._gradient_averager = GradientAverager(
+                    process_group, bucket_cap_mb, self._stats
+                )
         if outer_optimizer is not None:
             self._build_outer_optimizer()
         self._next_round_step = warmup_steps + self._period_from(warmup_steps)
@@ -963,8 +966,11 @@ class LocalSGDOptimizer(Optimizer):
         return self._averager is not None and self._averager.pending
 
     def _check_ranks_agree(self) -> None:
+        period: object = self._period
+        if callable(period):  # its repr holds an address: name the schedule instead
+            period = getattr(period, "__qualname__", type(period).__qualname__)
         lines = [
-            f"setting period={self._period}",
+            f"setting period={period}",
             f"setting accumulation_steps={self._accumulation_steps}",
             f"setting average_buffers={self._average_buffers}",
             f"setting broadcast_initial={self._broadcast_initial}",
@@ -1284,7 +1290,7 @@ class LocalSGDOptimizer(Optimizer):
             setattr(self, "_" + name, loaded[name])
         if self._warmup_steps and self._communicates and _inner_ddp(self._model) is None:
             self._gradient_averager = self._gradient_averager or GradientAverager(
-                self._process_group, self._bucket_cap_mb
+                self._process_group, self._bucket_cap_mb, self._stats
             )
         outer = loaded["outer"]
         if isinstance(outer, dict) and self._outer is not None:
