@@ -365,7 +365,10 @@ class LocalSGDOptimizer(Optimizer):
         base_optimizer (Optimizer): the optimizer that takes each local step, built on
             ``model``'s parameters.
         model (nn.Module): the module whose parameters and buffers are averaged.
-        period (int): optimizer steps between averaging rounds (``1`` averages after every step).
+        period (int or Callable[[int], int]): optimizer steps between averaging rounds (``1``
+            averages after every step), or a schedule: a callable given the step of a round
+            that returns the number of steps to the next one, reading only what every rank
+            shares (see :mod:`local_sgd_optim.schedules`).
         accumulation_steps (int): ``step()`` calls (micro-batches) per optimizer step (default: 1).
         average_buffers (bool): also average floating-point buffers (default: ``True``).
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
@@ -384,6 +387,22 @@ class LocalSGDOptimizer(Optimizer):
         on_nonfinite (str): when a rank's parameters or buffers hold NaN or inf at a round,
             ``"raise"`` a :class:`RoundError` on every rank or ``"skip"`` the round with a
             warning; either way no rank's values change (default: ``"raise"``).
+        warmup_steps (int): optimizer steps of synchronous data parallelism (gradients
+            averaged across ranks before each base step) before local SGD starts: post-local
+            SGD (https://arxiv.org/abs/1808.07217). For a DDP ``model`` the wrapper's hook
+            all-reduces during warm-up and stops after it (default: 0).
+        outer_optimizer (Callable[[list[Tensor]], Optimizer], optional): builds an optimizer
+            over a kept copy of the parameters; at each round it steps with the pseudo-gradient
+            (kept copy minus the mean of the ranks' parameters) and every rank continues from
+            the result: DiLoCo (https://arxiv.org/abs/2311.08105) with Nesterov SGD, SlowMo
+            (https://arxiv.org/abs/1910.00643) with heavy-ball momentum. Extra memory: one copy
+            of the parameters and the outer optimizer's state (default: ``None``).
+        local_period (int, optional): two-level averaging: also average inside ``local_group``
+            every ``local_period`` optimizer steps; smaller than ``period`` (default: ``None``).
+        local_group (ProcessGroup or str, optional): this rank's subgroup for ``local_period``,
+            e.g. from :func:`torch.distributed.new_subgroups`, or ``"node"`` for one subgroup per
+            node of ``LOCAL_WORLD_SIZE`` ranks (default: ``"node"`` when ``local_period`` is
+            given).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
