@@ -277,6 +277,12 @@ def test_quadratic_sync_period_follows_the_learning_rate(ranks: Any) -> None:
         ({"warmup_steps": -1}, ValueError, "warmup_steps must be a non-negative integer, got -1"),
         ({"outer_optimizer": "sgd"}, TypeError, "outer_optimizer must be a callable"),
         ({"local_period": 4}, ValueError, "local_period must be smaller than period"),
+        ({"local_period": 0}, ValueError, "local_period must be a positive integer, got 0"),
+        (
+            {"local_period": 2, "local_group": 3},
+            TypeError,
+            "local_group must be a torch.distributed.ProcessGroup",
+        ),
         ({"local_group": "node"}, ValueError, "local_group was given without local_period"),
         (
             {"overlap_steps": 1, "outer_optimizer": lambda ps: torch.optim.SGD(ps, lr=1)},
@@ -307,3 +313,28 @@ def test_schedules_reject_bad_input_and_compute_periods() -> None:
     assert rule(0) == 1000
     with pytest.raises(ValueError, match="growth must be a positive number"):
         QuadraticSyncPeriod(base, base_period=4, growth=0)
+
+
+def test_load_state_dict_refuses_a_checkpoint_of_another_algorithm() -> None:
+    def make(**kwargs: Any) -> LocalSGDOptimizer:
+        model = mlp()
+        return LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, 4, **kwargs)
+
+    outer = {"outer_optimizer": lambda ps: torch.optim.SGD(ps, lr=0.5)}
+    with_outer = roundtrip(make(**outer).state_dict())
+    with pytest.raises(ValueError, match=r"taken with an outer_optimizer and this .* has none"):
+        make().load_state_dict(with_outer)
+    with pytest.raises(ValueError, match="taken without an outer_optimizer"):
+        make(**outer).load_state_dict(roundtrip(make().state_dict()))
+    two_level = roundtrip(make().state_dict())
+    two_level["local_sgd"]["local_period"] = 2
+    with pytest.raises(ValueError, match=r"taken with local_period=2, this .* local_period=None"):
+        make().load_state_dict(two_level)
+    shrunk = dict(with_outer, local_sgd=dict(with_outer["local_sgd"]))
+    shrunk["local_sgd"]["outer"] = dict(shrunk["local_sgd"]["outer"], params=[torch.zeros(3)])
+    with pytest.raises(ValueError, match="outer optimizer parameters do not match this model"):
+        make(**outer).load_state_dict(shrunk)
+    broken = roundtrip(make().state_dict())
+    broken["local_sgd"]["pending"] = {"received": [], "sent": []}
+    with pytest.raises(ValueError, match="pending must be None or a dict of 'step'"):
+        make().load_state_dict(broken)

@@ -351,6 +351,7 @@ def test_accepts_numpy_integers() -> None:
         ({"overlap_steps": -1}, ValueError, "overlap_steps must be a non-negative integer, got -1"),
         ({"overlap_steps": 1.0}, ValueError, "overlap_steps must be a non-negative integer"),
         ({"overlap_steps": 4}, ValueError, "overlap_steps must be smaller than period, got"),
+        ({"on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be 'raise' or 'skip'"),
     ],
 )
 def test_rejects_bad_communication_settings(
