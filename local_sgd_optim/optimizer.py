@@ -770,8 +770,9 @@ class LocalSGDOptimizer(Optimizer):
                 "and use accumulation_steps=1"
             )
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        # (Instance attributes only: step() is on every training step's path, kept lean.)
+        grad_scale: Tensor | None = self.__dict__.get("grad_scale")
+        found_inf: Tensor | None = self.__dict__.get("found_inf")
         if found_inf is not None and self._accumulation_steps > 1:
             raise ValueError(
                 "GradScaler cannot drive a LocalSGDOptimizer with accumulation_steps > 1, got "
@@ -787,7 +788,7 @@ class LocalSGDOptimizer(Optimizer):
         elif self._accumulation_steps > 1:
             self._rescale_gradients(divisor=self._accumulation_steps)
         skip = found_inf is not None and bool(found_inf.item())
-        if self._in_warmup and self._gradient_averager is not None:
+        if self._gradient_averager is not None and self._in_warmup:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             self._gradient_averager.average(grads)
             if found_inf is not None:
@@ -798,8 +799,10 @@ class LocalSGDOptimizer(Optimizer):
             loss = self._base.step() if closure is None else self._base.step(closure)
         self._optimizer_steps += 1
         if self._enabled:
-            if self._round_in_flight and (
-                self._optimizer_steps - self._last_round_step >= self._overlap_steps
+            if (
+                self._overlap_steps
+                and self._round_in_flight
+                and (self._optimizer_steps - self._last_round_step >= self._overlap_steps)
             ):
                 self._require_averager().finish()
             if self._optimizer_steps >= self._next_round_step:
@@ -807,7 +810,7 @@ class LocalSGDOptimizer(Optimizer):
                 self._next_round_step = self._optimizer_steps + self._period_from(
                     self._optimizer_steps
                 )
-            elif self._local_round_due():
+            elif self._local_period is not None and self._local_round_due():
                 self._local_round()
         return loss
 
