@@ -427,6 +427,7 @@ def _resume(directory: str, steps: int) -> dict[str, Any]:
     state = checkpoint.load(directory, reshard=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    dist.barrier()  # no rank starts writing the next checkpoint while another still looks
     loaded = {
         "params": flat_params(model),
         "momentum": [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()],

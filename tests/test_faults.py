@@ -227,6 +227,8 @@ def test_two_hosts_over_a_veth_pair(reference: dict[int, dict[str, Any]], tmp_pa
             ]
         for command in setup:
             done = _ip(*command)
+            if done.returncode != 0 and command[0] == "link":
+                pytest.skip(f"cannot create a veth pair: {done.stderr.strip()}")
             assert done.returncode == 0, f"ip {' '.join(command)}: {done.stderr}"
 
         directory = tmp_path / "run-ckpt"  # one file system, as a shared one would be
