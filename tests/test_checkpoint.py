@@ -424,6 +424,10 @@ def _resume(directory: str, steps: int) -> dict[str, Any]:
     """On a new world size: the error without asking, then resharded, then more training."""
     model, opt = _build()
     refused = raised(checkpoint.load, directory)
+    found = checkpoint.latest(directory)
+    assert found is not None
+    raw = torch.load(found[1] / "rank0.pt", weights_only=True)  # read around load()'s check
+    refused_by_optimizer = raised(opt.load_state_dict, raw["optimizer"])
     state = checkpoint.load(directory, reshard=True)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
@@ -439,6 +443,7 @@ def _resume(directory: str, steps: int) -> dict[str, Any]:
     checkpoint.save(directory, opt.optimizer_steps, _save_state(model, opt))
     return {
         "refused": refused,
+        "refused_by_optimizer": refused_by_optimizer,
         "loaded": loaded,
         "params": flat_params(model),
         "counters": (opt.micro_steps, opt.optimizer_steps, opt.averaging_rounds),
@@ -489,6 +494,8 @@ def test_save_on_4_resume_on_2_then_on_4(ranks: Any, tmp_path: Path) -> None:
     for r, result in enumerate(second):
         assert result["refused"][0] == "ValueError"
         assert "written by 4 rank(s) but the world size is now 2" in result["refused"][1]
+        assert result["refused_by_optimizer"][0] == "ValueError"
+        assert "reshard_state_dicts" in result["refused_by_optimizer"][1]
         assert torch.equal(result["loaded"]["params"], mean)
         for got, *saved in zip(result["loaded"]["momentum"], *(f["momentum"] for f in first)):
             assert torch.equal(got, torch.stack(saved).double().mean(0).float())
@@ -503,6 +510,7 @@ def test_save_on_4_resume_on_2_then_on_4(ranks: Any, tmp_path: Path) -> None:
     third = ranks.run(_resume, directory, 2, world_size=4)  # from step 9 on 4 ranks
     for result in third:
         assert "written by 2 rank(s) but the world size is now 4" in result["refused"][1]
+        assert result["refused_by_optimizer"][0] == "ValueError"
         assert torch.equal(result["loaded"]["params"], second[0]["params"])
         assert result["loaded"]["counters"] == (9, 9, 3)
         assert result["counters"] == (11, 11, 3)
