@@ -27,7 +27,12 @@ from local_sgd_optim import LocalSGDOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PUBLIC_MODULES = ["local_sgd_optim", "local_sgd_optim.accelerate"]
+PUBLIC_MODULES = [
+    "local_sgd_optim",
+    "local_sgd_optim.accelerate",
+    "local_sgd_optim.checkpoint",
+    "local_sgd_optim.schedules",
+]
 _EMPTY = inspect.Parameter.empty
 _OPTIMIZER_ATTRIBUTES = ("param_groups", "state", "defaults")
 
