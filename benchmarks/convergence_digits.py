@@ -2,7 +2,7 @@
 
 Each method trains the same MLP (64-128-10, SGD with momentum 0.9, cosine learning rate) on the
 same samples: 4 ranks, each a disjoint shard of every epoch's shuffle, the same epochs and batch
-size per rank (``benchmarks/_digits.py``). The hyperparameters were tuned a little on DDP only
+size per rank (``tests/_digits.py``). The hyperparameters were tuned a little on DDP only
 and are the same for every method; no method is tuned for itself. Methods:
 
 - DDP: ``DistributedDataParallel``, gradients all-reduced every step;
@@ -44,10 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-# Run from a checkout: this folder for _digits, the repository root for local_sgd_optim.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
-sys.path[:0] = [_HERE, _ROOT]
+# Run from a checkout: tests/ for _digits (shared with the test), the root for local_sgd_optim.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_ROOT, "tests"), _ROOT]
 import _digits  # noqa: E402
 
 WORLD_SIZE = 4

@@ -1,36 +1,19 @@
 """Convergence on real data: digits on 4 gloo ranks, Local SGD variants against DDP.
 
 A short version of ``benchmarks/convergence_digits.py`` (one seed, 8 epochs, 176 steps per
-rank) with the same data, model and training code (``benchmarks/_digits.py``). Every method
+rank) with the same data, model and training code (``tests/_digits.py``). Every method
 sees the same samples with the same hyperparameters; the test checks test accuracy against DDP's
 and the bytes each rank all-reduced.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import sys
 from typing import Any
 
+import _digits
 import pytest
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "_digits.py")
-
-
-def _load_digits_module() -> Any:
-    # By path, not through sys.path: benchmarks/ holds a _common.py that would shadow tests'.
-    if "_digits" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_digits", _PATH)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["_digits"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["_digits"]
-
-
-_digits = _load_digits_module()
 pytest.importorskip("sklearn", reason="the digits data set comes with scikit-learn")
 
 EPOCHS = 8

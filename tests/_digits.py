@@ -1,4 +1,4 @@
-"""Digits training shared by ``benchmarks/convergence_digits.py`` and ``tests/test_convergence.py``.
+"""Digits training shared by ``tests/test_convergence.py`` and ``benchmarks/convergence_digits.py``.
 
 scikit-learn's bundled digits (1,797 8x8 images, no download), standardised, split once into
 1,437 training and 360 test images (stratified, ``random_state=0``). Each epoch every rank takes a
@@ -7,8 +7,9 @@ disjoint shard of the same seeded shuffle, as ``DistributedSampler`` does, and s
 model is an MLP 64-128-10 trained with SGD and momentum; only the way ranks communicate changes
 from one method to the next.
 
-Not a benchmark itself: :func:`train` runs one method for one seed on the calling rank of an
-initialised process group and returns plain numbers.
+:func:`train` runs one method for one seed on the calling rank of an initialised process group
+and returns plain numbers. It lives in ``tests/`` so that the sdist's test suite has it; the
+benchmark imports it from there.
 """
 
 from __future__ import annotations
