@@ -12,7 +12,7 @@ Offline, anywhere, in a minute or two on 2 CPU cores (a narrow ResNet-18 on synt
 CIFAR-shaped data)::
 
     torchrun --standalone --nproc_per_node 2 examples/cifar10.py --data synthetic --width 16 \
-        --epochs 2 --batch-size 32 --period 4
+        --epochs 1 --batch-size 32 --period 4
 
 One node, one GPU per process (CIFAR-10 is downloaded into ``--data-dir``)::
 
@@ -81,10 +81,18 @@ RESUME_MUST_MATCH = (
 )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show each default, except flags' and those computed at run time (the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter
     )
     add = parser.add_argument
     add(
@@ -204,7 +212,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="where metrics.jsonl and final_model.pt go (default: runs/cifar10-MODE)",
     )
-    add("--checkpoint-dir", default=None, help="default: OUT_DIR/checkpoints")
+    add("--checkpoint-dir", help="where checkpoints go (default: OUT_DIR/checkpoints)")
     add(
         "--checkpoint-every",
         type=int,

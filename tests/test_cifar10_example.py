@@ -37,6 +37,7 @@ STOP = 11  # inside epoch 2, 3 optimizer steps (6 micro-batches) in, and between
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, as in CI
+    # The example imports local_sgd_optim from this checkout, installed or not.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -109,7 +110,7 @@ def test_runs_learns_and_reports(runs: dict[str, Any]) -> None:
     assert last < first - 0.3, [r["loss"] for r in train]
     assert [r["step"] for r in evals] == [8, 16, 24]
     assert [r["epoch"] for r in evals] == [1.0, 2.0, 3.0]
-    assert evals[-1]["final"] and evals[-1]["test_accuracy"] > 0.3  # chance is 0.1
+    assert evals[-1]["final"] and evals[-1]["test_accuracy"] > 0.2  # chance is 0.1; 24 steps
     # 24 steps / period 4 = 6 rounds; each sends every parameter and float buffer (fp32) once,
     # plus a small header of the library's own (each rank's step and finiteness).
     assert train[-1]["averaging_rounds"] == 6
