@@ -23,8 +23,9 @@ bytes (about 3 minutes on a 2-core machine)::
 
     python benchmarks/convergence_digits.py
 
-Options: ``--seeds 0,1,2``, ``--methods "DDP,local SGD H=16"``, ``--epochs``, ``--lr``, and where
-the JSON and PNG go (``--json``, ``--png``; default ``docs/convergence_digits.*``).
+Options: ``--seeds 0,1,2``, ``--methods "DDP,local SGD H=16"``, ``--epochs``, ``--lr``, where
+the JSON and PNG go (``--json``, ``--png``; default ``docs/convergence_digits.*``), and
+``--replot`` to redraw the table and PNG from a saved JSON without training.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import os
 import statistics
 import sys
 import tempfile
+import textwrap
 import time
 from datetime import timedelta
 from typing import Any
@@ -184,6 +186,21 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def describe(setting: dict[str, Any]) -> str:
+    """One line: data, model, ranks, steps and optimizer settings, seeds."""
+    steps = setting.get("steps")
+    if steps is None:  # results saved before steps were recorded
+        steps = setting["epochs"] * _digits.steps_per_epoch(
+            _digits.Hyper(batch_size=setting["batch_size"]), setting["world_size"]
+        )
+    seeds = ",".join(map(str, setting["seeds"]))
+    return (
+        f"digits, MLP 64-{setting['hidden']}-10, {setting['world_size']} gloo ranks, "
+        f"{setting['epochs']} epochs of batch {setting['batch_size']} per rank ({steps} steps), "
+        f"SGD lr {setting['lr']} (cosine) momentum {setting['momentum']}, seeds {seeds}"
+    )
+
+
 def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     """Test accuracy (mean, std bars) against bytes per rank, log scale."""
     import matplotlib
@@ -191,7 +208,7 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for r in rows:
         family = r["method"].split(" H=")[0].split(" 4 /")[0]
         marker = {"DDP": "s", "local SGD": "o", "post-local SGD": "^", "outer Nesterov": "D"}.get(
@@ -205,14 +222,28 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
             capsize=3,
             label=r["method"],
         )
+        ax.annotate(
+            r["method"],
+            (r["bytes"], r["accuracy_mean"]),
+            # Points that share a spot (DDP and H=1, H=4 and two-level) get labels apart.
+            xytext=(6, -9 if r["method"] in ("local SGD H=1", "two-level 4 / 16") else 3),
+            textcoords="offset points",
+            fontsize=7,
+        )
     ddp = next((r for r in rows if r["method"] == "DDP"), None)
     if ddp is not None:
         ax.axhline(ddp["accuracy_mean"], color="grey", lw=0.8, ls="--")
-        ax.axhline(ddp["accuracy_mean"] - TARGET_POINTS, color="grey", lw=0.8, ls=":")
+        ax.axhline(
+            ddp["accuracy_mean"] - TARGET_POINTS,
+            color="grey",
+            lw=0.8,
+            ls=":",
+            label=f"DDP - {TARGET_POINTS:g} point",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("bytes all-reduced per rank while training (log)")
     ax.set_ylabel("test accuracy, % (mean ± std over seeds)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 110), fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -229,7 +260,17 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=_digits.Hyper.lr)
     parser.add_argument("--json", default=os.path.join(_ROOT, "docs", "convergence_digits.json"))
     parser.add_argument("--png", default=os.path.join(_ROOT, "docs", "convergence_digits.png"))
+    parser.add_argument(
+        "--replot", action="store_true", help="redraw the PNG and table from --json; no training"
+    )
     args = parser.parse_args()
+    if args.replot:
+        with open(args.json) as f:
+            saved = json.load(f)
+        print(table(saved["summary"], saved["missing"]))
+        print("\n".join(targets(saved["summary"])))
+        plot(saved["summary"], args.png, describe(saved["setting"]))
+        return
 
     seeds = [int(s) for s in args.seeds.split(",")]
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -247,22 +288,26 @@ def main() -> None:
     rows = summarise(results, methods)
 
     steps = rows[0]["steps"] if rows else 0
-    setting = (
-        f"digits, MLP 64-{hyper.hidden}-10, {WORLD_SIZE} gloo ranks, {hyper.epochs} epochs of "
-        f"batch {hyper.batch_size} per rank ({steps} steps), SGD lr {hyper.lr} (cosine) "
-        f"momentum {hyper.momentum}, seeds {args.seeds}"
-    )
-    print(f"{setting}; {elapsed:.0f} s in all\n")
+    setting = dataclasses.asdict(hyper) | {
+        "world_size": WORLD_SIZE,
+        "seeds": seeds,
+        "steps": steps,
+        "torch": torch.__version__,
+        "seconds_in_all": elapsed,
+        "load_average_after": os.getloadavg(),
+    }
+    title = describe(setting)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{title}; {elapsed:.0f} s in all, load average {load} on {os.cpu_count()} cores\n")
     print(table(rows, missing))
     print()
     print("\n".join(targets(rows)))
 
-    plot(rows, args.png, setting)
+    plot(rows, args.png, title)
     with open(args.json, "w") as f:
         json.dump(
             {
-                "setting": dataclasses.asdict(hyper)
-                | {"world_size": WORLD_SIZE, "seeds": seeds, "torch": torch.__version__},
+                "setting": setting,
                 "summary": rows,
                 "missing": missing,
                 "runs": results,
