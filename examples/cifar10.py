@@ -51,7 +51,7 @@ import sys
 import time
 import urllib.error
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from local_sgd_optim import LocalSGDOptimizer, checkpoint
@@ -196,6 +197,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "compute (0: synchronous rounds)",
     )
     local.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=0,
+        help="synchronous steps (gradients all-reduced, as DDP) before local SGD starts: "
+        "post-local SGD",
+    )
+    local.add_argument(
+        "--outer-optimizer",
+        choices=("none", "nesterov", "heavy-ball"),
+        default="none",
+        help="at each round, step the kept parameters with the ranks' mean change through an "
+        "outer SGD: nesterov is DiLoCo, heavy-ball is SlowMo; none averages plainly",
+    )
+    local.add_argument("--outer-lr", type=float, default=0.7, help="outer learning rate")
+    local.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum")
+    local.add_argument(
+        "--local-period",
+        type=int,
+        default=None,
+        help="two-level averaging: also average among the ranks of each node every this many "
+        "steps (less than --period)",
+    )
+    local.add_argument(
         "--bucket-cap-mb",
         type=float,
         default=25.0,
@@ -255,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.overlap_steps < 0 or (args.overlap_steps and args.overlap_steps >= args.period):
         parser.error("--overlap-steps must be at least 0 and less than --period")
+    if args.warmup_steps < 0:
+        parser.error("--warmup-steps must be at least 0")
+    if args.local_period is not None and not 1 <= args.local_period < args.period:
+        parser.error("--local-period must be at least 1 and less than --period")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error("--max-steps must be at least 1")
     args.out_dir = Path(args.out_dir or f"runs/cifar10-{args.mode}")
@@ -472,6 +500,22 @@ class ResNet18(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+def outer_optimizer(args: argparse.Namespace) -> Callable[[list[Tensor]], Optimizer] | None:
+    """What builds the outer optimizer over the kept parameters, or None for plain averaging."""
+    if args.outer_optimizer == "none":
+        return None
+
+    def build(params: list[Tensor]) -> Optimizer:
+        return torch.optim.SGD(
+            params,
+            lr=args.outer_lr,
+            momentum=args.outer_momentum,
+            nesterov=args.outer_optimizer == "nesterov",
+        )
+
+    return build
+
+
 # --- communication accounting --------------------------------------------------------------
 
 
@@ -681,16 +725,28 @@ def main(argv: list[str] | None = None) -> None:
     )
     # One training loop for both modes: with enabled=False the wrapper is exactly the base
     # optimizer (accumulation included) and DDP does the communication.
-    opt = LocalSGDOptimizer(
-        base,
-        net,
-        period=args.period,
-        accumulation_steps=args.accumulation_steps,
-        enabled=args.mode == "local-sgd",
-        bucket_cap_mb=args.bucket_cap_mb,
-        comm_dtype=COMM_DTYPES[args.comm_dtype],
-        overlap_steps=args.overlap_steps,
-    )
+    local_sgd = args.mode == "local-sgd"
+    options: dict[str, Any] = {}
+    if local_sgd:
+        options = {
+            "bucket_cap_mb": args.bucket_cap_mb,
+            "comm_dtype": COMM_DTYPES[args.comm_dtype],
+            "overlap_steps": args.overlap_steps,
+            "warmup_steps": args.warmup_steps,
+            "outer_optimizer": outer_optimizer(args),
+            "local_period": args.local_period,
+        }
+    try:
+        opt = LocalSGDOptimizer(
+            base,
+            net,
+            period=args.period,
+            accumulation_steps=args.accumulation_steps,
+            enabled=local_sgd,
+            **options,
+        )
+    except ValueError as error:  # raised on every rank: a combination the library refuses
+        raise SystemExit(f"invalid Local SGD options: {error}") from None
     # A short run (a few epochs) must still get its cosine decay: cap warm-up at a fifth of it.
     warmup = min(round(args.lr_warmup_epochs * steps_per_epoch), total_steps // 5)
 
