@@ -35,6 +35,11 @@ from local_sgd_optim.averaging import (
 __all__ = ["LocalSGDOptimizer"]
 
 _LOG = logging.getLogger("local_sgd_optim")
+# Which wrapper holds each base optimizer. Kept outside the optimizer object so that it stays
+# copyable and picklable; weak both ways, so neither is kept alive by this table.
+_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[LocalSGDOptimizer]] = (
+    weakref.WeakKeyDictionary()
+)
 _STATE_KEY = "local_sgd"
 _STATE_VERSION = 3
 _COUNTERS = ("micro_steps", "optimizer_steps", "averaging_rounds", "last_round_step")
@@ -177,8 +182,8 @@ def _validate_arguments(
         )
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-    owner = getattr(base_optimizer, "_local_sgd_owner", None)
-    if owner is not None and owner() is not None and not owner()._closed:
+    owner = _OWNERS.get(base_optimizer)
+    if owner is not None and owner() is not None and not owner()._closed:  # type: ignore[union-attr]
         raise ValueError(
             "base_optimizer is already wrapped by another LocalSGDOptimizer that is still "
             "open; two wrappers would step and average it twice. close() the first one, or "
@@ -524,7 +529,7 @@ class LocalSGDOptimizer(Optimizer):
         self._averager: BucketedAverager | None = None
         self._plan_key: tuple[Hashable, ...] | None = None
         self._init_optimizer_bookkeeping()
-        base_optimizer._local_sgd_owner = weakref.ref(self)  # type: ignore[attr-defined]
+        _OWNERS[base_optimizer] = weakref.ref(self)
 
         self._world_size = group_size(process_group) if enabled else 1
         self._broadcast_changed_model = False
