@@ -337,6 +337,7 @@ class BucketedAverager:
         self._anchors: list[Tensor | None] = [None] * len(self._groups)
         self._pending: list[dist.Work] | None = None
         self._pending_step = 0
+        self._payload_scaled = False
         self._allocate()
 
     # --- memory ---------------------------------------------------------------------------
@@ -688,6 +689,7 @@ class BucketedAverager:
                 return False
             for b in self.buckets:
                 self._apply_overlapped(b)
+            self._payload_scaled = False
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += 1
@@ -708,6 +710,20 @@ class BucketedAverager:
         else:
             torch._foreach_sub_(b.sources, b.sent_views)
             torch._foreach_add_(b.sources, b.payload_views, alpha=scale)
+
+    def snapshot_means(self) -> list[list[Tensor]]:
+        """Right after :meth:`finish`: per bucket, views (shaped like its sources) holding the
+        mean of the ranks' snapshots. For an outer optimizer, which steps from that mean."""
+        means = []
+        for b in self.buckets:
+            if b.delta:
+                means.append(b.anchor_views)  # the last values plus the mean delta
+            else:
+                if not self._payload_scaled:
+                    b.payload.mul_(1.0 / self.world_size)
+                means.append(b.payload_views)
+        self._payload_scaled = True
+        return means
 
     def pending_state(self) -> dict[str, Any] | None:
         """A round in flight as tensors (it is waited for first), for a checkpoint."""

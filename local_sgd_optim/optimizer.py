@@ -175,10 +175,10 @@ def _validate_arguments(
             "local_group must be a torch.distributed.ProcessGroup (this rank's subgroup) or "
             f"'node', got {type(local_group).__name__}"
         )
-    if overlap and (outer_optimizer is not None or local is not None):
+    if overlap and local is not None:
         raise ValueError(
-            "overlap_steps cannot be combined with outer_optimizer or local_period yet; use "
-            "overlap_steps=0 with them"
+            "overlap_steps cannot be combined with local_period yet; use overlap_steps=0 with "
+            "two-level averaging"
         )
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
@@ -401,7 +401,8 @@ class LocalSGDOptimizer(Optimizer):
             (kept copy minus the mean of the ranks' parameters) and every rank continues from
             the result: DiLoCo (https://arxiv.org/abs/2311.08105) with Nesterov SGD, SlowMo
             (https://arxiv.org/abs/1910.00643) with heavy-ball momentum. Extra memory: one copy
-            of the parameters and the outer optimizer's state (default: ``None``).
+            of the parameters and the outer optimizer's state. With ``overlap_steps`` it steps
+            when a round lands, from the mean of the snapshots (default: ``None``).
         local_period (int, optional): two-level averaging: also average inside ``local_group``
             every ``local_period`` optimizer steps; smaller than ``period`` (default: ``None``).
         local_group (ProcessGroup or str, optional): this rank's subgroup for ``local_period``,
@@ -809,7 +810,7 @@ class LocalSGDOptimizer(Optimizer):
                 and self._round_in_flight
                 and (self._optimizer_steps - self._last_round_step >= self._overlap_steps)
             ):
-                self._require_averager().finish()
+                self._land_round()
             if self._optimizer_steps >= self._next_round_step:
                 self._round(blocking=self._overlap_steps == 0)
                 self._next_round_step = self._optimizer_steps + self._period_from(
@@ -1056,9 +1057,17 @@ class LocalSGDOptimizer(Optimizer):
                 self._local_averager.average(self._optimizer_steps)
         self._local_rounds += 1
 
+    def _land_round(self) -> None:
+        """Apply the round in flight (``overlap_steps``), with the outer step if there is one."""
+        averager = self._averager
+        landed = averager is not None and averager.pending and averager.finish()
+        if landed and self._outer is not None:
+            assert averager is not None
+            self._outer_step_from_snapshot(averager)
+
     def _round(self, blocking: bool = True) -> None:
         if self._communicates:
-            self._require_averager().finish()  # a round in flight lands first
+            self._land_round()  # a round in flight lands first
             self._refresh_plan()
             averager = self._require_averager()
             before = dataclasses.replace(self._stats)
@@ -1077,9 +1086,10 @@ class LocalSGDOptimizer(Optimizer):
                     1e3 * (self._stats.round_seconds - before.round_seconds),
                     1e3 * (self._stats.comm_seconds - before.comm_seconds),
                 )
-        if self._outer is not None:
+        landed = blocking or self._averager is None or not self._averager.pending
+        if self._outer is not None and landed:  # a started round takes its outer step later
             self._outer_step()
-        if self._averager is not None and self._outer is not None:
+        if self._averager is not None and self._outer is not None and landed:
             self._averager.set_anchor_from_tensors()  # deltas are taken from the outer step's
         if self._local_averager is not None:
             self._local_averager.set_anchor_from_tensors()
@@ -1136,6 +1146,68 @@ class LocalSGDOptimizer(Optimizer):
         torch._foreach_sub_(grads, sources)  # type: ignore[arg-type]
         self._outer.step()
         _copy_all(sources, self._outer_params)
+
+    def _outer_slices(self, averager: BucketedAverager) -> list[list[tuple[int, Tensor, Tensor]]]:
+        """Per bucket: (index of the source, the kept copy's slice, its gradient's slice) for
+        every source that is a slice of an outer-optimized parameter (buffers have none)."""
+        owners: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        for p, kept in zip(self._outer_sources(), self._outer_params):
+            assert kept.grad is not None
+            real = [torch.view_as_real(t) if t.is_complex() else t for t in (p, kept, kept.grad)]
+            owners.setdefault(real[0].untyped_storage().data_ptr(), []).append(
+                (real[0], real[1], real[2])
+            )
+        slices = []
+        for b in averager.buckets:
+            entries = []
+            for i, source in enumerate(b.sources):
+                for p, kept, grad in owners.get(source.untyped_storage().data_ptr(), []):
+                    offset = source.storage_offset() - p.storage_offset()
+                    if source.shape == p.shape and offset == 0:
+                        entries.append((i, kept, grad))  # the whole tensor
+                        break
+                    if source.dim() == 1 and 0 <= offset < p.numel():
+                        end = offset + source.numel()
+                        entries.append(
+                            (i, kept.reshape(-1)[offset:end], grad.reshape(-1)[offset:end])
+                        )
+                        break
+            slices.append(entries)
+        return slices
+
+    @torch.no_grad()
+    def _outer_step_from_snapshot(self, averager: BucketedAverager) -> None:
+        # A landed overlapped round left each rank at (its own progress) + (mean of the
+        # snapshots). The outer optimizer steps from that mean; every rank then moves by
+        # (outer result - mean), keeping its own progress on top.
+        assert self._outer is not None
+        if self._outer_plan != [id(t) for t in self._outer_sources()]:
+            self._build_outer_optimizer()
+            self._outer_ready = False
+        means = averager.snapshot_means()
+        slices = self._outer_slices(averager)
+        pairs = [
+            (b, [means[k][i] for i, _, _ in entries], entries)
+            for k, (b, entries) in enumerate(zip(averager.buckets, slices))
+            if entries
+        ]
+        if not self._outer_ready:
+            for _, mean, entries in pairs:
+                _copy_all([kept for _, kept, _ in entries], mean)
+            self._outer_ready = True
+            return
+        for _, mean, entries in pairs:
+            grads = [grad for _, _, grad in entries]
+            _copy_all(grads, [kept for _, kept, _ in entries])
+            torch._foreach_sub_(grads, mean)
+        self._outer.step()
+        for b, mean, entries in pairs:
+            sources = [b.sources[i] for i, _, _ in entries]
+            kept = [k for _, k, _ in entries]
+            torch._foreach_add_(sources, kept)
+            torch._foreach_sub_(sources, mean)
+            if b.delta:  # deltas are taken from the outer step's result from now on
+                _copy_all([b.anchor_views[i] for i, _, _ in entries], kept)
 
     def average(self) -> None:
         """Run a blocking averaging round now, outside the ``period`` schedule.
