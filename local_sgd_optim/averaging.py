@@ -112,6 +112,29 @@ def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
     )
 
 
+def _all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether no tensor holds NaN or inf: one vectorised read of each, one sync per device.
+
+    NaN and inf propagate into a tensor's 2-norm, so the norms tell. (The max-norm would be
+    exact about huge finite values too, but on CPU it runs about 15x slower than the 2-norm; a
+    2-norm overflows only for values near 1e19, which no trainable tensor survives anyway.)
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for t in tensors:
+        if t.numel():
+            t = _as_real(t)
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for (_, dtype), group in groups.items():
+        wide = torch.promote_types(dtype, torch.float32)  # 16-bit sums of squares overflow
+        try:
+            norms = torch._foreach_norm(group, 2, dtype=wide)
+        except TypeError:  # pragma: no cover - torch < 2.5 has no dtype argument
+            norms = torch._foreach_norm([t.to(wide) for t in group], 2)
+        if not bool(torch.isfinite(torch.stack(norms)).all()):
+            return False
+    return True
+
+
 def _copy_all(destinations: list[Tensor], sources: list[Tensor]) -> None:
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(destinations, sources)
@@ -445,10 +468,7 @@ class BucketedAverager:
     # --- the header: every rank's step and whether its tensors are finite -------------------
 
     def _local_nonfinite(self) -> bool:
-        if not self._tensors:
-            return False
-        norms = torch._foreach_norm(self._tensors, float("inf"))
-        return not all(bool(torch.isfinite(n)) for n in norms)
+        return not _all_finite(self._tensors)
 
     def _write_header(self, header: Tensor, step: int, nonfinite: bool) -> None:
         # Each rank writes only its own slots and the others add zeros, so every value arrives
@@ -846,11 +866,8 @@ class GradientAverager:
     def finite(grads: Sequence[Tensor]) -> bool:
         """Whether every gradient is free of inf and NaN (one read of each)."""
         dense = [g for g in grads if not g.is_sparse]
-        norms = torch._foreach_norm(dense, float("inf")) if dense else []
         sparse = [g.coalesce().values() for g in grads if g.is_sparse]
-        return all(bool(torch.isfinite(n)) for n in norms) and all(
-            bool(torch.isfinite(v).all()) for v in sparse
-        )
+        return _all_finite(dense) and _all_finite(sparse)
 
 
 @torch.no_grad()
