@@ -140,6 +140,16 @@ def effective_gbps(
     The inverse of :func:`allreduce_seconds` for one collective. Feed it a measured all-reduce
     of a preallocated flat buffer (the floor) to predict other runs on the same link.
 
+    Args:
+        nbytes (float): bytes each rank contributed to the measured all-reduce.
+        ranks (int): ranks in the group, at least 2.
+        seconds (float): the measured time of that all-reduce.
+        latency_s (float): fixed cost of one collective, taken off before the bytes
+            (default: 2e-3).
+
+    Returns:
+        Gbit/s per rank and direction.
+
     Raises:
         ValueError: ``seconds`` is not more than ``latency_s``, or an argument is out of range.
 
@@ -251,8 +261,10 @@ def predict_ddp_steps_per_second(
         gbps (float): link bandwidth per rank and direction, in Gbit/s.
         backward_share (float): the part of ``c`` spent in the backward pass, during which
             DDP's buckets communicate (default: 2/3).
-        latency_s, hop_latency_s, bucket_cap_mb, bandwidth_efficiency: as for
-            :func:`predict_steps_per_second`.
+        latency_s (float): fixed cost of one collective (default: 2e-3).
+        hop_latency_s (float): cost of each ring hop (default: 0).
+        bucket_cap_mb (float, optional): DDP's bucket size in MiB (default: 25.0).
+        bandwidth_efficiency (float): fraction of ``gbps`` achieved (default: 1.0).
 
     Returns:
         Optimizer steps per second.
@@ -305,12 +317,20 @@ def suggest_period(
     shortest one that keeps communication below ``1 - target_efficiency`` of the time.
 
     Args:
+        step_seconds (float): compute time of one optimizer step with no communication.
+        model_bytes (float): bytes of the averaged fp32 state (4 per parameter).
+        ranks (int): ranks averaging together.
+        gbps (float): link bandwidth per rank and direction, in Gbit/s.
         target_efficiency (float): the fraction of the no-communication rate ``1 / c`` to reach,
             in (0, 1] (default: 0.9).
+        comm_bits (int): 32 for fp32 rounds, 16 for bf16/fp16 deltas (default: 32).
+        overlap_steps (int): steps a round may run behind compute; periods shorter than it are
+            skipped (default: 0).
         max_period (int): the longest period to consider (default: 1024).
-        overlap_steps (int): as for :func:`predict_steps_per_second`; periods shorter than it
-            are skipped.
-        Others: as for :func:`predict_steps_per_second`.
+        latency_s (float): fixed cost of one collective (default: 2e-3).
+        hop_latency_s (float): cost of each ring hop (default: 0).
+        bucket_cap_mb (float, optional): bucket size of a round in MiB (default: 25.0).
+        bandwidth_efficiency (float): fraction of ``gbps`` achieved (default: 1.0).
 
     Returns:
         The period, or ``None`` when no period up to ``max_period`` reaches the target.
@@ -351,7 +371,21 @@ def suggest_period(
 
 @dataclass(frozen=True)
 class Prediction:
-    """One row of :func:`predict`: a method and its predicted throughput."""
+    """One row of :func:`predict`: a method and its predicted throughput.
+
+    Args:
+        method (str): ``"DDP (fp32 gradients)"`` or a Local SGD variant.
+        period (int, optional): the averaging period; ``None`` for DDP.
+        steps_per_second (float): predicted optimizer steps per second.
+        efficiency (float): ``steps_per_second`` against the no-communication rate.
+        bytes_per_step (float): bytes each rank sends per optimizer step.
+
+    Example::
+
+        >>> row = predict(step_seconds=0.3, model_bytes=44.7e6, ranks=2, gbps=1.0, periods=[8])[1]
+        >>> row.method, row.period
+        ('Local SGD fp32', 8)
+    """
 
     method: str
     period: int | None
@@ -376,8 +410,34 @@ def predict(
 ) -> list[Prediction]:
     """DDP, then Local SGD fp32, bf16, and bf16 with overlap for each period: the CLI's table.
 
-    Overlap rows are left out for periods shorter than ``overlap_steps``; ``overlap_steps=0``
-    leaves them all out.
+    Args:
+        step_seconds (float): compute time of one optimizer step with no communication.
+        model_bytes (float): bytes of the fp32 model (4 per parameter).
+        ranks (int): ranks.
+        gbps (float): link bandwidth per rank and direction, in Gbit/s.
+        periods (Sequence[int]): the periods to tabulate (default: 1, 2, 4, ..., 64).
+        overlap_steps (int): ``k`` for the overlap rows, which are left out for periods shorter
+            than ``k``; 0 leaves them all out (default: 2).
+        backward_share (float): the part of a step in the backward pass, for DDP
+            (default: 2/3).
+        latency_s (float): fixed cost of one collective (default: 2e-3).
+        hop_latency_s (float): cost of each ring hop (default: 0).
+        bucket_cap_mb (float, optional): bucket size in MiB (default: 25.0).
+        bandwidth_efficiency (float): fraction of ``gbps`` achieved (default: 1.0).
+
+    Returns:
+        One :class:`Prediction` per row.
+
+    Raises:
+        ValueError: an argument is out of range.
+
+    Example::
+
+        >>> rows = predict(step_seconds=0.5, model_bytes=4e9, ranks=64, gbps=10, periods=[32])
+        >>> [(r.method, r.period, round(r.steps_per_second, 2)) for r in rows]
+        ... # doctest: +NORMALIZE_WHITESPACE
+        [('DDP (fp32 gradients)', None, 0.15), ('Local SGD fp32', 32, 1.42),
+         ('Local SGD bf16', 32, 1.66), ('Local SGD bf16, overlap 2', 32, 1.75)]
     """
     link = {
         "latency_s": latency_s,
@@ -433,7 +493,15 @@ def _parse_periods(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m local_sgd_optim.plan``: print predicted steps/s of DDP and Local SGD."""
+    """``python -m local_sgd_optim.plan``: print predicted steps/s of DDP and Local SGD.
+
+    Args:
+        argv (Sequence[str], optional): the command-line arguments (default: ``sys.argv[1:]``).
+
+    Example::
+
+        $ python -m local_sgd_optim.plan --params 1e9 --ranks 64 --gbps 10 --step-seconds 0.5
+    """
     parser = argparse.ArgumentParser(
         prog="python -m local_sgd_optim.plan",
         description="Predict steps/s of DDP and Local SGD on a cluster and suggest a period.",
