@@ -662,18 +662,21 @@ class BucketedAverager:
         return self._pending is not None
 
     @torch.no_grad()
-    def start(self, step: int = 0) -> None:
+    def start(self, step: int = 0) -> bool | None:
         """Snapshot the tensors and start all-reducing the snapshot in the background.
 
         The first round with 16-bit deltas is completed at once (see :meth:`average`).
+
+        Returns:
+            ``None`` when the round is in flight; when it completed at once, whether it was
+            applied.
         """
         if not self.overlap:
             raise RuntimeError("start() needs a BucketedAverager built with overlap=True")
         if self._pending is not None:
             raise RuntimeError("a round is already in flight; finish() it first")
         if any(b.delta for b in self.buckets) and not self.anchored:
-            self.average(step)
-            return
+            return self.average(step)
         began = time.perf_counter()
         nonfinite = self._local_nonfinite()
         works = []
@@ -687,6 +690,7 @@ class BucketedAverager:
         self._pending = works
         self._pending_step = step
         self.stats.round_seconds += time.perf_counter() - began
+        return None
 
     @torch.no_grad()
     def finish(self) -> bool:

@@ -1066,15 +1066,20 @@ class LocalSGDOptimizer(Optimizer):
             self._outer_step_from_snapshot(averager)
 
     def _round(self, blocking: bool = True) -> None:
+        # Whether the round's values are in place now (not started in the background), and
+        # whether it was applied at all (a round skipped for NaN must not feed the outer step).
+        landed = applied = True
         if self._communicates:
             self._land_round()  # a round in flight lands first
             self._refresh_plan()
             averager = self._require_averager()
             before = dataclasses.replace(self._stats)
             if blocking:
-                averager.average(self._optimizer_steps)
+                applied = averager.average(self._optimizer_steps)
             else:
-                averager.start(self._optimizer_steps)
+                result = averager.start(self._optimizer_steps)
+                landed = result is not None
+                applied = bool(result)
             if _LOG.isEnabledFor(logging.DEBUG):
                 _LOG.debug(
                     "round %d at step %d (%s): %d bytes sent, %.1f ms in the round, %.1f ms "
@@ -1086,11 +1091,10 @@ class LocalSGDOptimizer(Optimizer):
                     1e3 * (self._stats.round_seconds - before.round_seconds),
                     1e3 * (self._stats.comm_seconds - before.comm_seconds),
                 )
-        landed = blocking or self._averager is None or not self._averager.pending
-        if self._outer is not None and landed:  # a started round takes its outer step later
+        if self._outer is not None and landed and applied:  # a started one steps when it lands
             self._outer_step()
-        if self._averager is not None and self._outer is not None and landed:
-            self._averager.set_anchor_from_tensors()  # deltas are taken from the outer step's
+            if self._averager is not None:
+                self._averager.set_anchor_from_tensors()  # deltas start from the outer result
         if self._local_averager is not None:
             self._local_averager.set_anchor_from_tensors()
         self._averaging_rounds += 1

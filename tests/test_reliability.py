@@ -56,7 +56,9 @@ def _grad_scaler(unscale_first: bool) -> dict[str, Any]:
     }
 
 
-def _nonfinite(on_nonfinite: str, comm_dtype: torch.dtype | None, overlap_steps: int) -> Any:
+def _nonfinite(
+    on_nonfinite: str, comm_dtype: torch.dtype | None, overlap_steps: int, outer: bool = False
+) -> Any:
     """Rank 1's parameters turn NaN right before the round of step 4."""
     model = bn_net(seed=rank())
     base = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -67,6 +69,7 @@ def _nonfinite(on_nonfinite: str, comm_dtype: torch.dtype | None, overlap_steps:
         on_nonfinite=on_nonfinite,
         comm_dtype=comm_dtype,
         overlap_steps=overlap_steps,
+        outer_optimizer=(lambda ps: torch.optim.SGD(ps, lr=0.7, momentum=0.9)) if outer else None,
     )
     local: list[torch.Tensor] = []
 
@@ -188,13 +191,18 @@ def test_nonfinite_parameters_raise_on_every_rank_and_change_nothing(
     assert results[0]["params"].isfinite().all()  # rank 0 was not poisoned
 
 
-def test_nonfinite_parameters_can_skip_the_round_with_a_warning(ranks: Any) -> None:
-    results = ranks.run(_nonfinite, "skip", None, 0)
+@pytest.mark.parametrize(("overlap_steps", "outer"), [(0, False), (0, True), (2, True)])
+def test_nonfinite_parameters_can_skip_the_round_with_a_warning(
+    ranks: Any, overlap_steps: int, outer: bool
+) -> None:
+    # With an outer optimizer, a skipped round must not feed it a pseudo-gradient either.
+    results = ranks.run(_nonfinite, "skip", None, overlap_steps, outer)
     for r in results:
         assert r["error"] == ("", "")
         assert any("rank(s) 1 at step 4" in w for w in r["warnings"])
         assert _same(r["params"], r["local"])
-        assert r["counters"] == (4, 1, 0)  # the round is counted by schedule, not applied
+        # The round is counted by schedule, not applied.
+        assert r["counters"] == (4 + overlap_steps, 1, 0)
     assert results[0]["params"].isfinite().all()
 
 
