@@ -75,7 +75,9 @@ elif [[ "$hosts" == 2 ]]; then
   pids=()
   for node in 0 1; do
     if [[ $node == 0 ]]; then ns="$a"; dev="${tag}va"; else ns="$b"; dev="${tag}vb"; fi
+    # torchrun sets OMP_NUM_THREADS=1 only for several ranks per node; set it for one too.
     ip netns exec "$ns" env GLOO_SOCKET_IFNAME="$dev" LSGD_BENCH_THREADS="$threads" \
+      OMP_NUM_THREADS="$threads" \
       torchrun --nnodes 2 --node_rank "$node" --nproc_per_node "$per_host" \
       --master_addr 10.77.0.1 --master_port "$port" \
       "$@" --link "two namespaces, a veth pair, $link_note each way (tc tbf)" &
