@@ -255,7 +255,11 @@ def _cut_into_buckets(
     for g, tensors in enumerate(groups):
         dtype, device = tensors[0].dtype, tensors[0].device
         wire_dtype = _wire_dtype(dtype, comm_dtype)
-        cap = max(1, cap_bytes // wire_dtype.itemsize)
+        # The cap counts full-precision bytes, which bounds the staging buffer of 16-bit deltas
+        # too; buckets of equal size keep the two reused wire buffers as small as they can be.
+        cap = max(1, cap_bytes // dtype.itemsize)
+        total = sum(t.numel() for t in tensors)
+        cap = -(-total // -(-total // cap))
         runs: list[list[Tensor]] = [[]]
         filled = 0
         for tensor in tensors:
@@ -293,8 +297,8 @@ class BucketedAverager:
 
     - full precision, no overlap: two wire buffers of at most ``C`` each per device;
     - 16-bit ``comm_dtype``: one full-precision copy of the averaged tensors (the values of the
-      last round, which deltas are taken against), two 16-bit wire buffers of at most ``C``
-      and one full-precision staging buffer of at most ``C * 2`` per device;
+      last round, which deltas are taken against), two 16-bit wire buffers of at most ``C / 2``
+      and one full-precision staging buffer of at most ``C`` per device;
     - ``overlap``: a round stays in flight while training goes on, so every bucket has its own
       wire buffer and a copy of what this rank sent: two copies of the averaged tensors in the
       wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``).

@@ -345,7 +345,7 @@ class LocalSGDOptimizer(Optimizer):
     - ``comm_dtype=torch.bfloat16`` or ``torch.float16``: ranks exchange the change since the
       last round (the *delta*) in 16 bits, so the rounding error scales with the delta, not with
       the weights. This keeps one full-precision copy of the averaged tensors (the last round's
-      values, identical on every rank) plus about ``4 * bucket_cap_mb``. Tensors already 16-bit
+      values, identical on every rank) plus about ``2 * bucket_cap_mb``. Tensors already 16-bit
       travel as they are. The first round (and the first after the set of averaged tensors
       changes) is in full precision, to set that copy;
     - ``overlap_steps=k``: a round is started in the background at each ``period`` boundary and

@@ -220,12 +220,15 @@ def test_workspace_is_a_small_pool_not_a_copy_of_the_model() -> None:
     delta = BucketedAverager(params, None, bucket_cap_mb=1.0, comm_dtype=torch.bfloat16)
     delta.set_anchor_from_tensors()
     overlap = BucketedAverager(params, None, bucket_cap_mb=1.0, overlap=True)
-    header = 9 * 4  # one rank: its step and finiteness, 9 fp32 numbers, in the first bucket
-    assert len(full.buckets) == 8
-    assert full.workspace_bytes == 2 * (mib + header)  # two wire buffers of one bucket each
+    header = 9  # one rank: its step and finiteness, 9 numbers, in the first bucket
+    # 2M elements in buckets of at most 1 MiB of fp32 (262,144): 8 equal buckets of 250,000.
+    assert len(full.buckets) == 8 and {b.numel for b in full.buckets} == {250_000}
+    assert full.workspace_bytes == 2 * (250_000 + header) * 4 <= 2 * mib + 72
     # The full-precision copy, two 16-bit wire buffers and one fp32 staging buffer.
-    assert delta.workspace_bytes == model_bytes + 2 * (mib + header // 2) + (2 * mib + header)
-    assert overlap.workspace_bytes == 2 * model_bytes + header  # in flight: wire + sent
+    assert (
+        delta.workspace_bytes == model_bytes + 2 * (250_000 + header) * 2 + (250_000 + header) * 4
+    )
+    assert overlap.workspace_bytes == 2 * model_bytes + header * 4  # in flight: wire + sent
 
 
 @pytest.mark.parametrize("comm_dtype", [None, torch.bfloat16, torch.float16])
