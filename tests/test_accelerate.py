@@ -59,7 +59,8 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = launch()
     if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "RESULT " in proc.stdout:
         # torch 2.14's gloo can abort a finished process at interpreter exit
-        # (pytorch/pytorch#179291); one more run must then exit cleanly.
+        # (pytorch/pytorch#179291); the script now leaves with os._exit, so this is a last
+        # resort, and one more run must then exit cleanly.
         proc = launch()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -50,17 +50,19 @@ def _run(args: list[str], nproc: int | None = 2) -> subprocess.CompletedProcess[
     snapshot = out_dir.with_name(out_dir.name + ".before")
     if out_dir.exists():
         shutil.copytree(out_dir, snapshot)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
-    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout:
-        # torch 2.14's gloo can abort a finished process at interpreter exit, after the script
-        # has completed (pytorch/pytorch#179291). Run once more from the same files: the
-        # assertions below still need a clean exit from one run.
-        shutil.rmtree(out_dir)
-        if snapshot.exists():
-            shutil.copytree(snapshot, out_dir)
+    for attempt in range(3):
+        if attempt:
+            # torch 2.14's gloo can abort a finished process at interpreter exit, after the
+            # script has completed (pytorch/pytorch#179291). Run again from the same files: the
+            # assertions below still need a clean exit from one run.
+            shutil.rmtree(out_dir)
+            if snapshot.exists():
+                shutil.copytree(snapshot, out_dir)
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT
         )
+        if proc.returncode == 0 or not (_TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout):
+            break
     shutil.rmtree(snapshot, ignore_errors=True)
     return proc
 

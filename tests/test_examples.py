@@ -32,12 +32,13 @@ def test_minimal_example_under_torchrun() -> None:
         "--log-every",
         "40",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
-    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout:
-        # torch 2.14's gloo can abort a finished process at interpreter exit, after the script
-        # has completed (pytorch/pytorch#179291); seen in about 1 of 40 runs here. Run once more:
-        # the assertions below still need a clean exit from one run.
+    for _ in range(3):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+        # torch 2.14's gloo can abort a finished process at interpreter exit, after the script
+        # has completed (pytorch/pytorch#179291); seen in up to 1 of 8 runs here under load. Run
+        # again then: the assertions below still need a clean exit from one run.
+        if proc.returncode == 0 or not (_TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout):
+            break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     losses = [float(m) for m in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, proc.stdout
