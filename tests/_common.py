@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+# torch 2.14's gloo can abort a process at interpreter exit after its work is done
+# (pytorch/pytorch#179291); tests that launch scripts rerun them on exactly this message.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment for a script launched under torchrun by a test: CPU only (gloo, as in
+    CI), none of an enclosing launcher's variables, and this checkout importable whatever the
+    environment has installed."""
+    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
+    drop |= {"MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
 
 
 def mlp(seed: int = 0) -> nn.Module:

@@ -9,32 +9,25 @@ Accelerate's ``gradient_accumulation_steps`` 2, an averaging round is due every 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from _common import mlp
+from _common import ROOT, TEARDOWN_ABORT, launcher_env, mlp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from local_sgd_optim import LocalSGDOptimizer
 from local_sgd_optim.accelerate import _ddp_wrappers_of, _keep_ddp_gradients_local
 
-ROOT = Path(__file__).resolve().parents[1]
 PERIOD, ACCUMULATION, WINDOWS = 3, 2, 2
-_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("accelerate")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # multi-CPU mode, gloo
-    # The checkout under test, whatever the environment's install of the package points at.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = launcher_env()  # multi-CPU mode, gloo
 
     def launch() -> subprocess.CompletedProcess[str]:
         cmd = [
@@ -57,7 +50,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
 
     proc = launch()
-    if proc.returncode != 0 and _TEARDOWN_ABORT in proc.stderr and "RESULT " in proc.stdout:
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "RESULT " in proc.stdout:
         # torch 2.14's gloo can abort a finished process at interpreter exit
         # (pytorch/pytorch#179291); the script now leaves with os._exit, so this is a last
         # resort, and one more run must then exit cleanly.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import random
 import subprocess
 import sys
@@ -18,12 +17,10 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _common import batch, flat_params, loss_of, mlp, raised, rank, roundtrip
+from _common import batch, flat_params, launcher_env, loss_of, mlp, raised, rank, roundtrip
 from torch import nn
 
 from local_sgd_optim import LocalSGDOptimizer, checkpoint
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _state(value: float, step: int = 0) -> dict[str, Any]:
@@ -32,13 +29,6 @@ def _state(value: float, step: int = 0) -> dict[str, Any]:
 
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
-
-
-def _ranks_env() -> dict[str, str]:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
 
 
 # --- one process --------------------------------------------------------------------------
@@ -100,7 +90,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tmp_path: Path) -> Non
     checkpoint.save(tmp_path, 1, _state(1.0, 1))
     proc = subprocess.run(
         [sys.executable, "-c", _CRASH_MID_WRITE, str(tmp_path)],
-        env=_ranks_env(),
+        env=launcher_env(),
         capture_output=True,
         timeout=120,
     )

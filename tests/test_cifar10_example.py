@@ -7,7 +7,6 @@ tensor, with an uninterrupted run of the same length. The runs are shared by the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -18,10 +17,9 @@ from typing import Any
 
 import pytest
 import torch
+from _common import ROOT, TEARDOWN_ABORT, launcher_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "cifar10.py"
-_TEARDOWN_ABORT = "terminate called without an active exception"
 
 # A narrow ResNet-18 on 512 synthetic images: 16 images x 2 accumulation steps x 2 ranks, so
 # 8 optimizer steps (16 micro-batches) per epoch and 24 in all.
@@ -32,14 +30,6 @@ COMMON = [
     "--log-every", "2", "--checkpoint-every", "3", "--keep-checkpoints", "2", "--no-progress",
 ]  # fmt: skip
 STOP = 11  # inside epoch 2, 3 optimizer steps (6 micro-batches) in, and between two rounds
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, as in CI
-    # The example imports local_sgd_optim from this checkout, installed or not.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
 
 
 def _run(args: list[str], nproc: int | None = 2) -> subprocess.CompletedProcess[str]:
@@ -59,9 +49,9 @@ def _run(args: list[str], nproc: int | None = 2) -> subprocess.CompletedProcess[
             if snapshot.exists():
                 shutil.copytree(snapshot, out_dir)
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT
+            cmd, capture_output=True, text=True, timeout=300, env=launcher_env(), cwd=ROOT
         )
-        if proc.returncode == 0 or not (_TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout):
+        if proc.returncode == 0 or not (TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout):
             break
     shutil.rmtree(snapshot, ignore_errors=True)
     return proc

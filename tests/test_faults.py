@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _common import ROOT, TEARDOWN_ABORT, launcher_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "_fault_script.py"
-_TEARDOWN_ABORT = "terminate called without an active exception"
 # 28 steps, a round every 4 started in the background and applied 1 step later, 16-bit deltas,
 # a checkpoint every 5 steps: the checkpoint at step 20 holds a round in flight and the
 # full-precision copy, so an exact resume needs all of the optimizer's state.
@@ -31,16 +30,10 @@ TRAINING += ["--checkpoint-every", "5"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    drop = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"}
-    drop |= {"MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, as in CI
     # torchrun shares its rendezvous store with the workers, and a restarted attempt can read
     # the gloo addresses the previous attempt left there ("Connection refused" in
     # connectFullMesh; pytorch/pytorch#135712, seen here with torch 2.14 and --standalone).
-    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    env.update(extra)
-    return env
+    return launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
 
 
 def _torchrun(*launcher: str) -> list[str]:
@@ -68,7 +61,7 @@ def _run_to_completion(cmd: list[str], env: dict[str, str], ranks: int) -> tuple
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
         seconds = time.monotonic() - began
         finished = len(_results(proc.stdout)) == ranks
-        if proc.returncode == 0 or not (finished and _TEARDOWN_ABORT in proc.stderr) or attempt:
+        if proc.returncode == 0 or not (finished and TEARDOWN_ABORT in proc.stderr) or attempt:
             return proc, seconds
         # A retry must start from nothing: the caller's checkpoint directory is reused.
         for arg in cmd:
@@ -260,7 +253,7 @@ def test_two_hosts_over_a_veth_pair(reference: dict[int, dict[str, Any]], tmp_pa
 
     results = {}
     for (namespace, _, _), proc, (out, err) in zip(hosts, procs, outputs):
-        if proc.returncode != 0 and _TEARDOWN_ABORT in err and "RESULT" in out:
+        if proc.returncode != 0 and TEARDOWN_ABORT in err and "RESULT" in out:
             pass  # finished, then aborted at exit (pytorch/pytorch#179291)
         else:
             assert proc.returncode == 0, f"{namespace}:\n{out}\n{err}"
