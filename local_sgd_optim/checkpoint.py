@@ -246,7 +246,9 @@ def save(
         ...     })
 
     .. warning::
-        With torch.distributed initialised, every rank must call this at the same step.
+        With torch.distributed initialised, every rank must call this at the same step. With
+        NCCL, call ``torch.cuda.set_device(local_rank)`` first: the ranks confirm their files
+        with object collectives, which NCCL stages on the current CUDA device.
     """
     root = Path(directory)
     step = _check_int("step", step, minimum=0)
