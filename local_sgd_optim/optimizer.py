@@ -24,9 +24,11 @@ from local_sgd_optim.averaging import (
     BucketedAverager,
     CommStats,
     GradientAverager,
+    RoundError,
     _copy_all,
     broadcast_tensors,
     check_comm_dtype,
+    collective_device,
     exchange_descriptions,
     group_rank,
     group_size,
@@ -1231,18 +1233,43 @@ class LocalSGDOptimizer(Optimizer):
 
         Idempotent. Afterwards every rank holds the same parameters and ``step()`` raises.
 
+        The ranks first agree, in one small all-reduce, on whether a round is due: a rank that
+        took one step more than the others (uneven data, say) would otherwise wait alone in a
+        final round that the others skip.
+
+        Raises:
+            RoundError: the ranks took different numbers of optimizer steps; raised on every
+                rank, with the steps named, before any value changes.
+
         .. warning::
             Every rank of the process group must call this.
         """
         if self._closed:
             return
-        if self._enabled and (
-            self._optimizer_steps > self._last_round_step or self._round_in_flight
-        ):
+        due = self._optimizer_steps > self._last_round_step or self._round_in_flight
+        if self._communicates:
+            due = self._agree_on_final_round(due)
+        if self._enabled and due:
             # Applying a round in flight leaves each rank's own progress in place: the blocking
             # round after it is what makes the ranks identical.
             self._round()
         self._closed = True
+
+    def _agree_on_final_round(self, due: bool) -> bool:
+        device = collective_device(self._process_group, self._device)
+        steps = self._optimizer_steps
+        mine = torch.tensor([int(due), steps, -steps], dtype=torch.int64, device=device)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self._process_group)
+        any_due, most, fewest = (int(v) for v in mine.tolist())
+        if most != -fewest:
+            self._closed = True  # no collective may follow: the ranks are no longer in step
+            raise RoundError(
+                f"ranks are out of step at close(): between {-fewest} and {most} optimizer "
+                "steps. Every rank must call step() the same number of times (give every rank "
+                "the same number of batches, e.g. DistributedSampler with drop_last=True); "
+                "nothing was averaged"
+            )
+        return bool(any_due)
 
     def __enter__(self) -> LocalSGDOptimizer:
         return self

@@ -135,6 +135,19 @@ def _average_on_one_rank_only() -> tuple[str, str]:
     return raised(train)
 
 
+def _uneven_batches_at_close() -> dict[str, Any]:
+    """Rank 1 gets one batch more than rank 0, as an uneven data split would give it."""
+    model = mlp()
+    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    for i in range(4 + rank()):
+        loss_of(model, rank(), i).backward()
+        opt.step()
+        opt.zero_grad()
+    before = flat_params(model)
+    outcome = raised(opt.close)
+    return {"error": outcome, "unchanged": torch.equal(before, flat_params(model))}
+
+
 def _world_size_changed() -> tuple[str, str]:
     model = mlp()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
@@ -248,3 +261,12 @@ def test_a_closed_wrapper_releases_its_base_optimizer() -> None:
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     LocalSGDOptimizer(base, model, period=2).close()
     LocalSGDOptimizer(base, model, period=2)  # allowed: the first is closed
+
+
+def test_uneven_step_counts_fail_at_close_instead_of_hanging(ranks: Any) -> None:
+    # Rank 1 alone would want a final round; rank 0 would skip it and leave rank 1 waiting.
+    for r in ranks.run(_uneven_batches_at_close, timeout=60):
+        name, message = r["error"]
+        assert name == "RoundError"
+        assert "out of step at close(): between 4 and 5 optimizer steps" in message
+        assert r["unchanged"]
