@@ -5,22 +5,18 @@ Not a benchmark itself; each script in this folder imports it from its own direc
 
 from __future__ import annotations
 
-import inspect
 import os
 import platform
 import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 import local_sgd_optim
-from local_sgd_optim import LocalSGDOptimizer
-from local_sgd_optim import averaging as _averaging
 
 
 def init_distributed() -> tuple[int, int]:
@@ -72,22 +68,6 @@ def averaged_numel(model: nn.Module, buffers: bool = True) -> int:
     if buffers:
         n += sum(b.numel() for b in model.buffers() if b.is_floating_point())
     return n
-
-
-def has_bucketed_averager() -> bool:
-    """Whether ``local_sgd_optim.averaging.BucketedAverager`` exists in this checkout."""
-    return hasattr(_averaging, "BucketedAverager")
-
-
-def optimizer_accepts(*names: str) -> bool:
-    """Whether ``LocalSGDOptimizer`` takes every keyword in ``names``."""
-    params = inspect.signature(LocalSGDOptimizer.__init__).parameters
-    return all(name in params for name in names)
-
-
-def make_bucketed_averager(tensors: Sequence[torch.Tensor], **kwargs: Any) -> Any:
-    """``BucketedAverager(tensors, None, **kwargs)``: the round without the optimizer."""
-    return _averaging.BucketedAverager(list(tensors), None, **kwargs)  # type: ignore[attr-defined]
 
 
 def median(values: Sequence[float]) -> float:
@@ -171,14 +151,3 @@ def _revision() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown commit"
     return f"{commit}{' + uncommitted changes' if dirty else ''}"
-
-
-def ours_note() -> str:
-    """Which of our code paths this checkout offers, for the table's footer."""
-    parts = [
-        "BucketedAverager: "
-        + ("yes" if has_bucketed_averager() else "no (LocalSGDOptimizer.average())"),
-        "comm_dtype: " + ("yes" if optimizer_accepts("comm_dtype") else "no"),
-        "overlap_steps: " + ("yes" if optimizer_accepts("overlap_steps") else "no"),
-    ]
-    return "; ".join(parts)

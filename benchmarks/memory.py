@@ -13,7 +13,7 @@ and runs three rounds. The table shows rank 0's:
 
 Methods: torch's ``average_parameters`` (a ``torch.cat`` copy of the model every round), the
 floor (one preallocated flat fp32 buffer of the model's size), and ours
-(``BucketedAverager`` where it exists, else ``LocalSGDOptimizer``'s averager) in fp32 with the
+(``BucketedAverager``, the round of ``LocalSGDOptimizer``) in fp32 with the
 default 25 MiB buckets and with 4 MiB buckets, and in bf16. Models: ResNet-18 (44.7 MB) and an
 MLP of 40 ``Linear(1024, 1024)`` (168 MB), where the bucket pool's bound shows. Linux only;
 about a minute::
@@ -40,7 +40,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import _common  # noqa: E402
 
-from local_sgd_optim import LocalSGDOptimizer  # noqa: E402
+from local_sgd_optim.averaging import BucketedAverager  # noqa: E402
 
 MARK = "MEMORY_JSON "
 METHODS = [
@@ -134,17 +134,8 @@ def worker(model_name: str, method: str) -> None:
             kwargs["comm_dtype"] = torch.bfloat16
         if "4 MiB" in method:
             kwargs["bucket_cap_mb"] = 4.0
-        if _common.has_bucketed_averager():
-            averager = _common.make_bucketed_averager(params, **kwargs)
-            round_ = averager.average
-        else:
-            if kwargs:
-                raise SystemExit(f"{method}: this checkout's LocalSGDOptimizer has no {kwargs}")
-            opt = LocalSGDOptimizer(
-                torch.optim.SGD(params, lr=0.1), model, 10**9, average_buffers=False
-            )
-            averager = opt._averager
-            round_ = opt.average
+        averager = BucketedAverager(params, None, **kwargs)
+        round_ = averager.average
     for _ in range(3):
         round_()
     peak = _status("VmHWM") - before
@@ -208,7 +199,6 @@ def driver(models: list[str], methods: list[str]) -> None:
             rows,
         )
     )
-    print(f"\nours: {_common.ours_note()}")
     print(f"machine: {_common.machine()}")
 
 

@@ -39,6 +39,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import _common  # noqa: E402
 
 from local_sgd_optim import LocalSGDOptimizer  # noqa: E402
+from local_sgd_optim.averaging import BucketedAverager  # noqa: E402
 
 
 def per_tensor_round(model: nn.Module) -> tuple[str, Callable[[], None]]:
@@ -72,24 +73,9 @@ def average_parameters_round(model: nn.Module) -> Callable[[], None]:
     return run
 
 
-def ours_round(model: nn.Module, comm_dtype: torch.dtype | None) -> Callable[[], None] | None:
+def ours_round(model: nn.Module, comm_dtype: torch.dtype | None) -> Callable[[], object]:
     params = [p for p in model.parameters() if p.requires_grad]
-    if _common.has_bucketed_averager():
-        kwargs = {} if comm_dtype is None else {"comm_dtype": comm_dtype}
-        averager = _common.make_bucketed_averager(params, **kwargs)
-        return averager.average  # type: ignore[no-any-return]
-    if comm_dtype is not None and not _common.optimizer_accepts("comm_dtype"):
-        return None
-    kwargs = {} if comm_dtype is None else {"comm_dtype": comm_dtype}
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=10**9,
-        average_buffers=False,
-        broadcast_initial=False,
-        **kwargs,
-    )
-    return opt.average
+    return BucketedAverager(params, None, comm_dtype=comm_dtype).average
 
 
 def floor_round(model: nn.Module) -> Callable[[], None]:
@@ -109,20 +95,17 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
     methods[label] = fn
     methods["torch `average_parameters`"] = average_parameters_round(copy.deepcopy(base))
     for label, dtype in (("ours fp32", None), ("ours bf16", torch.bfloat16)):
-        ours = ours_round(copy.deepcopy(base), dtype)
-        if ours is not None:
-            methods[label] = ours
-    if _common.has_bucketed_averager():
-        # The same round through the optimizer: what a training loop pays at a period boundary.
-        model = copy.deepcopy(base)
-        opt = LocalSGDOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1),
-            model,
-            period=10**9,
-            average_buffers=False,
-            broadcast_initial=False,
-        )
-        methods["ours fp32, `LocalSGDOptimizer.average()`"] = opt.average
+        methods[label] = ours_round(copy.deepcopy(base), dtype)
+    # The same round through the optimizer: what a training loop pays at a period boundary.
+    model = copy.deepcopy(base)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        period=10**9,
+        average_buffers=False,
+        broadcast_initial=False,
+    )
+    methods["ours fp32, `LocalSGDOptimizer.average()`"] = opt.average
     methods["floor: one all-reduce of a flat fp32 buffer"] = floor_round(base)
 
     names = list(methods)
@@ -170,7 +153,6 @@ def main() -> None:
             f"interleaved repeats of {args.rounds} rounds; ratio to the floor (lower is better)\n"
         )
         print(_common.markdown_table(["model", "method", "ms per round", "x floor"], rows))
-        print(f"\nours: {_common.ours_note()}")
         print(f"machine: {_common.machine()}")
     _common.shutdown()
 

@@ -96,7 +96,6 @@ def main() -> None:
                 rows,
             )
         )
-        print(f"\nours: {_common.ours_note()}")
         print(f"machine: {_common.machine()}")
     _common.shutdown()
 
