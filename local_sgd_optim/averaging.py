@@ -359,7 +359,6 @@ class BucketedAverager:
             self.buckets[0].header_numel = self.header_numel
         self.numel = sum(b.numel for b in self.buckets)
         self.nbytes = sum(b.wire_bytes for b in self.buckets)
-        self._pool: list[Tensor] = []
         self._previous_user: list[int] = []
         self._anchors: list[Tensor | None] = [None] * len(self._groups)
         self._pending: list[dist.Work] | None = None
@@ -387,7 +386,6 @@ class BucketedAverager:
                 slots = min(_POOL_SLOTS, len(indices))
                 size = max(self.buckets[i].wire_bytes for i in indices)
                 pool = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(slots)]
-                self._pool.extend(pool)
                 for k, i in enumerate(indices):
                     b = self.buckets[i]
                     b.set_wire(pool[k % slots][: b.wire_bytes].view(b.wire_dtype))

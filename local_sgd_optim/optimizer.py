@@ -25,6 +25,7 @@ from local_sgd_optim.averaging import (
     CommStats,
     GradientAverager,
     RoundError,
+    _as_real,
     _copy_all,
     broadcast_tensors,
     check_comm_dtype,
@@ -1129,19 +1130,22 @@ class LocalSGDOptimizer(Optimizer):
         # the outer optimizer's starting point, and its first step comes at the second round.
         self._outer_ready = self._broadcast_initial or not self._communicates
 
-    @torch.no_grad()
-    def _outer_step(self) -> None:
-        assert self._outer is not None
-        sources = self._outer_sources()
+    def _restart_outer_if_parameters_changed(self, sources: list[Tensor]) -> None:
         if [id(t) for t in sources] != self._outer_plan:
             warnings.warn(
                 "LocalSGDOptimizer: the averaged parameters changed (unfrozen, added or "
                 "replaced); the outer optimizer starts again from the current average, its "
                 "state reset",
-                stacklevel=4,
+                stacklevel=5,
             )
             self._build_outer_optimizer()
             self._outer_ready = False
+
+    @torch.no_grad()
+    def _outer_step(self) -> None:
+        assert self._outer is not None
+        sources = self._outer_sources()
+        self._restart_outer_if_parameters_changed(sources)
         if not self._outer_ready:
             _copy_all(self._outer_params, sources)
             self._outer_ready = True
@@ -1159,7 +1163,7 @@ class LocalSGDOptimizer(Optimizer):
         owners: dict[int, list[tuple[Tensor, Tensor, Tensor]]] = {}
         for p, kept in zip(self._outer_sources(), self._outer_params):
             assert kept.grad is not None
-            real = [torch.view_as_real(t) if t.is_complex() else t for t in (p, kept, kept.grad)]
+            real = [_as_real(t) for t in (p, kept, kept.grad)]
             owners.setdefault(real[0].untyped_storage().data_ptr(), []).append(
                 (real[0], real[1], real[2])
             )
@@ -1187,9 +1191,7 @@ class LocalSGDOptimizer(Optimizer):
         # snapshots). The outer optimizer steps from that mean; every rank then moves by
         # (outer result - mean), keeping its own progress on top.
         assert self._outer is not None
-        if self._outer_plan != [id(t) for t in self._outer_sources()]:
-            self._build_outer_optimizer()
-            self._outer_ready = False
+        self._restart_outer_if_parameters_changed(self._outer_sources())
         means = averager.snapshot_means()
         slices = self._outer_slices(averager)
         pairs = [
