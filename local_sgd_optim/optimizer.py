@@ -80,16 +80,11 @@ def _check_bucket_cap(value: object) -> float:
     raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {value!r}")
 
 
-def _check_overlap_steps(value: object, period: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}")
-    try:
-        steps = operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}") from None
-    if steps < 0:
-        raise ValueError(f"overlap_steps must be a non-negative integer, got {value!r}")
-    if steps and steps >= period:
+def _check_overlap_steps(value: object, period: int | None) -> int:
+    """``value`` as an int if it is >= 0 and below ``period`` (``None``: a schedule, whose
+    periods are checked as they come)."""
+    steps = _check_non_negative_int("overlap_steps", value)
+    if steps and period is not None and steps >= period:
         raise ValueError(
             f"overlap_steps must be smaller than period, got overlap_steps={steps} with "
             f"period={period}: a round must land before the next one starts"
@@ -155,7 +150,7 @@ def _validate_arguments(
     _check_bool("enabled", enabled)
     bucket_cap = _check_bucket_cap(bucket_cap_mb)
     dtype = check_comm_dtype(comm_dtype)
-    overlap = _check_overlap_steps(overlap_steps, schedule if isinstance(schedule, int) else 0)
+    overlap = _check_overlap_steps(overlap_steps, schedule if isinstance(schedule, int) else None)
     warmup = _check_non_negative_int("warmup_steps", warmup_steps)
     if outer_optimizer is not None and not callable(outer_optimizer):
         raise TypeError(
@@ -1494,9 +1489,7 @@ class LocalSGDOptimizer(Optimizer):
         comm = {name: ours.get(name, defaults.get(name)) for name in _COMM_SETTINGS}
         try:
             loaded["bucket_cap_mb"] = _check_bucket_cap(comm["bucket_cap_mb"])
-            loaded["overlap_steps"] = _check_overlap_steps(
-                comm["overlap_steps"], ours["period"] or 0
-            )
+            loaded["overlap_steps"] = _check_overlap_steps(comm["overlap_steps"], ours["period"])
         except ValueError as problem:
             raise bad(f"setting is invalid: {problem}") from None
         if comm["on_nonfinite"] not in ("raise", "skip"):

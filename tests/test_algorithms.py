@@ -425,3 +425,21 @@ def test_overlapped_rounds_with_an_outer_optimizer(
 def test_overlapped_outer_step_follows_the_formula(ranks: Any) -> None:
     for r in ranks.run(_overlapped_outer_step_by_hand, 0.5):
         torch.testing.assert_close(r["got"], r["expected"], rtol=0, atol=1e-6)
+
+
+def test_a_schedule_combines_with_overlap_and_each_period_is_checked() -> None:
+    model = mlp()
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        period=lambda step: 4 if step < 4 else 1,
+        overlap_steps=2,
+    )
+    for i in range(3):
+        loss_of(model, 0, i).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.next_round_step == 4
+    loss_of(model, 0, 3).backward()
+    with pytest.raises(ValueError, match="returned 1 at optimizer step 4, not more than overlap"):
+        opt.step()
