@@ -1,10 +1,13 @@
-"""``python -m build`` makes an sdist and a wheel that install and work in a fresh virtualenv.
+"""The sdist and the wheel install and work in a fresh virtualenv, however pytest was started.
 
-The build runs on a copy of the checkout, without build isolation (the installed setuptools
-builds it, so no network is needed); each artefact goes into its own virtualenv that sees the
-system's torch (``--system-site-packages``) and is installed with ``--no-deps``. A smoke script,
-run from a scratch directory so that the checkout cannot shadow the install, imports the package
-from the virtualenv and averages a model on 2 gloo processes (forked, to import torch once).
+Both are built on a copy of the checkout by calling setuptools' PEP 517 hooks directly (the
+installed setuptools builds them, so no network and no ``build`` package are needed). Each goes
+into its own new virtualenv, which sees the packages of the environment running the tests (system
+Python, a virtualenv or a conda env: a ``.pth`` file lists that environment's site-packages; a
+``--system-site-packages`` virtualenv would see the *base* interpreter's instead, without torch
+when pytest runs in a virtualenv), and is installed there with ``--no-deps``. A smoke script, run
+from a scratch directory so that the checkout cannot shadow the install, imports the package
+from the new virtualenv and averages a model on 2 gloo processes (forked, to import torch once).
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import configparser
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("build", reason="the packaging test needs `build` (pip install build)")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,19 +137,39 @@ def dist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ),
     )
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "build", "--no-isolation", "--skip-dependency-check"]
-    _run([*cmd, "--outdir", str(out), str(source)], cwd=source)
+    for hook in ("build_sdist", "build_wheel"):  # each in a fresh process, as `build` does
+        _run([sys.executable, "-c", _BUILD.format(hook=hook), str(out)], cwd=source)
     return out
+
+
+# What ``python -m build --no-isolation`` does, without needing ``build``: the backend's hooks.
+_BUILD = "import sys; from setuptools import build_meta; build_meta.{hook}(sys.argv[1])"
+
+
+def _running_site_packages() -> list[str]:
+    """The site-packages directories of the environment running this test, in import order."""
+    known = {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}
+    known.add(sysconfig.get_paths()["platlib"])
+    if site.ENABLE_USER_SITE:
+        known.add(site.getusersitepackages())
+    found = []
+    for entry in sys.path:
+        if entry and (entry in known or Path(entry).name in ("site-packages", "dist-packages")):
+            if Path(entry).is_dir() and entry not in found:
+                found.append(entry)
+    return found
 
 
 def _install_and_smoke(artefact: Path, tmp_path: Path) -> dict[str, Any]:
     venv = tmp_path / "venv"
-    _run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        tmp_path,
-    )
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
+    # The new environment sees this one's packages (torch, pip, setuptools) after its own, as
+    # plain directories: their .pth files, and so the checkout's editable install, stay out.
+    where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    purelib = _run([str(venv / "bin" / "python"), "-c", where], tmp_path).stdout.strip()
+    (Path(purelib) / "_running_env.pth").write_text("\n".join(_running_site_packages()) + "\n")
     python = venv / "bin" / "python"
-    # pip from the system site-packages, run by the virtualenv's interpreter, installs into it;
+    # pip from the running environment, run by the virtualenv's interpreter, installs into it;
     # --ignore-installed keeps it from touching the checkout's own (editable) install.
     install = [str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed"]
     if artefact.suffix != ".whl":
