@@ -520,6 +520,9 @@ class LocalSGDOptimizer(Optimizer):
         self._stats = CommStats()
         self._extra_params: list[Tensor] = []
         self._micro_steps = 0
+        # micro_steps at the start of the accumulation windows' grid (moves when a resumed run
+        # changes accumulation_steps), so windows stay whole.
+        self._window_start = 0
         self._optimizer_steps = 0
         self._averaging_rounds = 0
         self._last_round_step = 0
@@ -785,7 +788,7 @@ class LocalSGDOptimizer(Optimizer):
                 "scaler.step(opt) and scaler.update() once per window, with accumulation_steps=1"
             )
         self._micro_steps += 1
-        if self._micro_steps % self._accumulation_steps != 0:
+        if (self._micro_steps - self._window_start) % self._accumulation_steps != 0:
             return None
         if grad_scale is not None:
             self._rescale_gradients(multiplier=grad_scale.double().reciprocal().float())
@@ -827,7 +830,7 @@ class LocalSGDOptimizer(Optimizer):
         return (
             self._in_warmup
             and self._world_size > 1
-            and (self._micro_steps + 1) % self._accumulation_steps == 0
+            and (self._micro_steps + 1 - self._window_start) % self._accumulation_steps == 0
         )
 
     def _period_from(self, step: int) -> int:
@@ -884,7 +887,7 @@ class LocalSGDOptimizer(Optimizer):
         Args:
             set_to_none (bool): set gradients to ``None`` instead of zero (default: ``True``).
         """
-        if self._micro_steps % self._accumulation_steps == 0:
+        if (self._micro_steps - self._window_start) % self._accumulation_steps == 0:
             self._base.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -1313,6 +1316,7 @@ class LocalSGDOptimizer(Optimizer):
             "averaging_rounds": self._averaging_rounds,
             "last_round_step": self._last_round_step,
             "next_round_step": self._next_round_step,
+            "window_start": self._window_start,
             "local_rounds": self._local_rounds,
             "period": None if callable(self._period) else self._period,
             "warmup_steps": self._warmup_steps,
@@ -1345,16 +1349,25 @@ class LocalSGDOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the base optimizer's state, and the counters and settings if present.
+        """Load the base optimizer's state and the wrapper's counters and state.
+
+        Counters, statistics, the outer optimizer's state, the full-precision copy for 16-bit
+        deltas and a round in flight come from the checkpoint. Settings come from the
+        constructor, that is from the script that runs now: a run resumed with ``period=16``
+        from a ``period=8`` checkpoint averages every 16 steps, the next round falling 16 steps
+        after the last one (at the next step if that is already past). A warning names each
+        setting that differs from the checkpoint's. ``period``, ``warmup_steps``,
+        ``accumulation_steps``, ``average_buffers``, ``bucket_cap_mb``, ``comm_dtype``,
+        ``overlap_steps`` and ``on_nonfinite`` may change between runs.
 
         A plain optimizer checkpoint (no ``"local_sgd"`` entry) loads with a warning and the
-        counters at zero. Settings (``period``, ``accumulation_steps``, ``average_buffers``,
-        ``bucket_cap_mb``, ``comm_dtype``, ``overlap_steps``) come from the checkpoint, as
-        ``lr`` does for torch optimizers; a warning names any that differ from the
-        constructor's.
+        counters at zero.
 
         Raises:
-            ValueError: the ``"local_sgd"`` entry is malformed or does not fit this model.
+            ValueError: the ``"local_sgd"`` entry is malformed or does not fit this wrapper: a
+                different world size, ``local_period`` or presence of ``outer_optimizer``; a
+                round in flight that the new settings cannot apply; ``accumulation_steps``
+                changed in the middle of a window.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -1375,15 +1388,8 @@ class LocalSGDOptimizer(Optimizer):
             ours["local_period"] = self._local_period
             ours.update({name: getattr(self, "_" + name) for name in _COMM_SETTINGS})
             ours["comm_dtype"] = _COMM_DTYPE_NAMES[self._comm_dtype]
+            ours["next_round_step"] = self._warmup_steps + self._period_from(self._warmup_steps)
         loaded = self._validate_loaded(ours)
-        if loaded["period"] is None or callable(self._period):
-            if loaded["period"] is not None:
-                warnings.warn(
-                    "LocalSGDOptimizer.load_state_dict: the checkpoint has period="
-                    f"{loaded['period']}; this optimizer keeps its period schedule",
-                    stacklevel=2,
-                )
-            loaded["period"] = self._period  # a schedule is code: the constructor's stays
         if loaded["local_period"] != self._local_period:
             raise ValueError(
                 f"the checkpoint was taken with local_period={loaded['local_period']}, this "
@@ -1398,27 +1404,41 @@ class LocalSGDOptimizer(Optimizer):
                 + ("none" if self._outer is None else "one")
                 + "; build it the same way to resume"
             )
+        changed = self._settings_changed_since(loaded)
+        window_start = self._resume_window_start(loaded, "accumulation_steps" in changed)
+        layout = {"bucket_cap_mb", "comm_dtype", "average_buffers"} & set(changed)
+        if loaded["pending"] is not None and (not self._overlap_steps or layout):
+            raise ValueError(
+                "the checkpoint holds an averaging round in flight (overlap_steps), which can "
+                "only be applied with overlap_steps > 0 and the same bucket_cap_mb, comm_dtype "
+                f"and average_buffers; this LocalSGDOptimizer changes {', '.join(changed)}. "
+                "Resume once with the checkpoint's settings, or call opt.average() before "
+                "saving so that nothing is in flight"
+            )
         self._base.load_state_dict(state_dict)
-
-        settings = (*_SETTINGS, *_COMM_SETTINGS, "warmup_steps")
-        changed = [
-            f"{name}={loaded[name]!r} (was {getattr(self, '_' + name)!r})"
-            for name in settings
-            if loaded[name] != getattr(self, "_" + name)
-        ]
         if changed:
             warnings.warn(
-                "LocalSGDOptimizer.load_state_dict: settings taken from the checkpoint: "
-                + ", ".join(changed),
+                "LocalSGDOptimizer.load_state_dict: settings differ from the checkpoint's; "
+                "the constructor's apply: "
+                + ", ".join(
+                    f"{name}={getattr(self, '_' + name)!r} (checkpoint: {loaded[name]!r})"
+                    for name in changed
+                ),
                 stacklevel=2,
             )
-        rebuild = any(loaded[name] != getattr(self, "_" + name) for name in _COMM_SETTINGS)
-        for name in (*_COUNTERS, *_NEW_COUNTERS, *settings):
+        for name in (*_COUNTERS, *_NEW_COUNTERS):
             setattr(self, "_" + name, loaded[name])
-        if self._warmup_steps and self._communicates and _inner_ddp(self._model) is None:
-            self._gradient_averager = self._gradient_averager or GradientAverager(
-                self._process_group, self._bucket_cap_mb, self._stats
-            )
+        self._window_start = window_start
+        if "period" in changed or "warmup_steps" in changed:
+            # The next round falls a (new) period after the last one, or after warm-up; a
+            # step already past it rounds at the next step.
+            base = max(self._last_round_step, self._warmup_steps)
+            if self._averaging_rounds == 0:
+                base = self._warmup_steps
+            self._next_round_step = base + self._period_from(base)
+        if layout or "comm_dtype" in changed:
+            # A full-precision copy of another layout: the next round sets a new one.
+            loaded["anchor"], loaded["local_anchor"] = [], []
         outer = loaded["outer"]
         if isinstance(outer, dict) and self._outer is not None:
             kept = outer["params"]
@@ -1436,8 +1456,6 @@ class LocalSGDOptimizer(Optimizer):
         assert isinstance(stats, dict)
         self._stats.__init__(**stats)  # type: ignore[misc]
         if self._averager is not None:
-            if rebuild:
-                self._build_averager()
             self._averager.load_anchor_tensors(loaded["anchor"])  # type: ignore[arg-type]
             self._averager.load_pending_state(loaded["pending"])  # type: ignore[arg-type]
         if self._local_averager is not None:
@@ -1453,6 +1471,34 @@ class LocalSGDOptimizer(Optimizer):
         self._warn_if_broadcast_replaced_checkpoint()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def _settings_changed_since(self, loaded: dict[str, object]) -> list[str]:
+        """The settings whose constructor value differs from the checkpoint's (which wins not)."""
+        changed = []
+        for name in (*_SETTINGS, *_COMM_SETTINGS, "warmup_steps"):
+            mine: object = getattr(self, "_" + name)
+            if name == "period" and callable(mine):
+                mine = None  # a schedule is saved as None: code, not state
+            if loaded[name] != mine:
+                changed.append(name)
+        return changed
+
+    def _resume_window_start(self, loaded: dict[str, object], accumulation_changed: bool) -> int:
+        """Where the accumulation windows' grid starts after loading ``loaded``."""
+        micro, start = loaded["micro_steps"], loaded["window_start"]
+        assert isinstance(micro, int) and isinstance(start, int)
+        if not accumulation_changed:
+            return start
+        old = loaded["accumulation_steps"]
+        assert isinstance(old, int)
+        if (micro - start) % old:
+            raise ValueError(
+                f"the checkpoint was taken in the middle of an accumulation window ({micro} "
+                f"step() calls with accumulation_steps={old}); resume with "
+                f"accumulation_steps={old}, or save right after the optimizer step that ends "
+                "a window"
+            )
+        return micro
 
     def _validate_loaded(self, ours: object) -> dict[str, object]:
         def bad(what: str) -> ValueError:
@@ -1501,6 +1547,7 @@ class LocalSGDOptimizer(Optimizer):
         try:
             warmup = _check_non_negative_int("warmup_steps", ours.get("warmup_steps", 0))
             local_rounds = _check_non_negative_int("local_rounds", ours.get("local_rounds", 0))
+            window_start = _check_non_negative_int("window_start", ours.get("window_start", 0))
             local_period = ours.get("local_period")
             if local_period is not None:
                 local_period = _check_positive_int("local_period", local_period)
@@ -1520,6 +1567,7 @@ class LocalSGDOptimizer(Optimizer):
             local_rounds=local_rounds,
             local_period=local_period,
             next_round_step=next_round,
+            window_start=window_start,
         )
         outer = ours.get("outer")
         if outer is not None and not (

@@ -241,17 +241,6 @@ def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
     assert (fresh.micro_steps, fresh.optimizer_steps, fresh.averaging_rounds) == (0, 0, 0)
 
 
-def test_load_state_dict_takes_settings_from_checkpoint_with_warning() -> None:
-    model = mlp()
-    saved = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=4
-    ).state_dict()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=8)
-    with pytest.warns(UserWarning, match=r"period=4 \(was 8\)"):
-        opt.load_state_dict(saved)
-    assert opt.period == 4
-
-
 @pytest.mark.parametrize(
     "corrupt, message",
     [
