@@ -10,6 +10,10 @@ updating the docs fails here:
   argument table below it list exactly the real parameters, in order, with the real kinds
   (keyword-only after ``*``) and defaults; any other ``public_name(...)`` line there is held to
   the same rules; and every ``opt.<name>`` it mentions exists.
+
+And the pages hold together: every relative link in README.md and docs/*.md reaches a file that
+exists (and a heading there, for ``#anchor`` links), every docs page is linked from the README,
+and the README stays a short front page.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from local_sgd_optim import LocalSGDOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 PUBLIC_MODULES = [
     "local_sgd_optim",
     "local_sgd_optim.accelerate",
@@ -271,3 +276,99 @@ def test_the_checks_catch_a_wrong_signature() -> None:
     assert "does not document ['period']" in problems(good.replace("period, ", ""))[0]
     assert "not True" in problems(good.replace("enabled=True", "enabled=False"))[0]
     assert "as positional" in problems(good.replace("*, ", ""))[0]
+
+
+# --- links between the pages -------------------------------------------------------------
+
+# The front page holds what a newcomer needs in the first hour; the reference lives in docs/.
+README_MAX_BYTES = 15_000
+
+
+def _pages() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def _prose(text: str) -> str:
+    """``text`` without fenced code blocks and inline code, where ``[x](y)`` is not a link."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`]*`", "", text)
+
+
+def _links(page: Path) -> list[str]:
+    return re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", _prose(page.read_text()))
+
+
+def _anchors(page: Path) -> set[str]:
+    """The ids GitHub gives ``page``'s headings: lowercase, punctuation dropped, spaces to
+    hyphens, ``-1``, ``-2`` ... for repeats."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    anchors: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *#* *$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        unique, n = slug, 0
+        while unique in anchors:
+            n += 1
+            unique = f"{slug}-{n}"
+        anchors.add(unique)
+    return anchors
+
+
+def test_the_docs_pages_exist() -> None:
+    names = {page.name for page in DOCS.glob("*.md")}
+    assert {"api.md", "checkpoints.md", "errors.md"} <= names, sorted(names)
+
+
+def _broken_links(page: Path) -> list[str]:
+    """``page``'s relative links whose file, or heading for ``#anchor``, does not exist."""
+    broken = []
+    for link in _links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", link):  # https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{link} (no such file)")
+        elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+            broken.append(f"{link} (no heading #{anchor} in {target.name})")
+    return broken
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_relative_links_reach_existing_files_and_headings(page: Path) -> None:
+    broken = _broken_links(page)
+    assert not broken, f"{page.relative_to(ROOT)} has broken links: {broken}"
+
+
+def test_the_readme_links_every_docs_page() -> None:
+    linked = {(ROOT / link.partition("#")[0]).resolve() for link in _links(README)}
+    orphans = [page.name for page in sorted(DOCS.glob("*.md")) if page.resolve() not in linked]
+    assert not orphans, f"docs pages the README does not link: {orphans}"
+
+
+def test_the_readme_stays_a_short_front_page() -> None:
+    size = len(README.read_bytes())
+    assert size <= README_MAX_BYTES, (
+        f"README.md is {size} bytes, over {README_MAX_BYTES}: move reference material to docs/"
+    )
+
+
+def test_the_link_checks_catch_broken_links(tmp_path: Path) -> None:
+    """The checker itself: a missing file, a missing heading, and links inside code are not
+    links."""
+    (tmp_path / "other.md").write_text("# Other page\n\n## A `code` heading\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](other.md#a-code-heading) [gone](missing.md) [bad](other.md#nope)\n"
+        "`[not](a-link.md)`\n```\n[not](either.md)\n```\n[web](https://example.com/x.md)\n"
+    )
+    assert _links(page) == [
+        "other.md#a-code-heading",
+        "missing.md",
+        "other.md#nope",
+        "https://example.com/x.md",
+    ]
+    assert _anchors(tmp_path / "other.md") == {"other-page", "a-code-heading"}
+    assert _broken_links(page) == [
+        "missing.md (no such file)",
+        "other.md#nope (no heading #nope in other.md)",
+    ]

@@ -154,9 +154,9 @@ def _running_site_packages() -> list[str]:
         known.add(site.getusersitepackages())
     found = []
     for entry in sys.path:
-        if entry and (entry in known or Path(entry).name in ("site-packages", "dist-packages")):
-            if Path(entry).is_dir() and entry not in found:
-                found.append(entry)
+        wanted = entry in known or Path(entry).name in ("site-packages", "dist-packages")
+        if entry and wanted and Path(entry).is_dir() and entry not in found:
+            found.append(entry)
     return found
 
 
