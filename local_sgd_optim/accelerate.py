@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from local_sgd_optim.optimizer import LocalSGDOptimizer, _local_sgd_ddp_hook
+from local_sgd_optim.ddp import ddp_wrappers_of as _ddp_wrappers_of
+from local_sgd_optim.optimizer import LocalSGDOptimizer
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -98,42 +98,11 @@ def prepare_local_sgd(
     return result
 
 
-def _wrapper_chain(module: nn.Module) -> list[nn.Module]:
-    """``module`` and what it wraps: DDP's ``.module``, ``torch.compile``'s ``._orig_mod``."""
-    chain = [module]
-    while True:
-        inner = getattr(chain[-1], "_orig_mod", None)
-        if isinstance(chain[-1], DistributedDataParallel):
-            inner = chain[-1].module
-        if not isinstance(inner, nn.Module) or any(inner is m for m in chain):
-            return chain
-        chain.append(inner)
-
-
-def _ddp_wrappers_of(model: nn.Module, candidates: list[Any]) -> list[DistributedDataParallel]:
-    """The DDP modules among ``candidates`` (and their wrapped modules) that wrap ``model``."""
-    targets = _wrapper_chain(model)
-    found: list[DistributedDataParallel] = []
-    for candidate in candidates:
-        if not isinstance(candidate, nn.Module):
-            continue
-        chain = _wrapper_chain(candidate)
-        if not any(m is t for m in chain for t in targets):
-            continue
-        for m in chain:
-            if isinstance(m, DistributedDataParallel) and not any(m is d for d in found):
-                found.append(m)
-    return found
-
-
 def _keep_ddp_gradients_local(opt: LocalSGDOptimizer, ddp: DistributedDataParallel) -> None:
-    hooks = [hook for hook, _ in ddp._comm_hooks]
-    if any(hook is _local_sgd_ddp_hook for hook in hooks):
-        return  # LocalSGDOptimizer was built on this DDP model and installed it already
-    if hooks:
+    try:
+        opt.attach_ddp(ddp)
+    except RuntimeError as problem:
         raise RuntimeError(
-            "the DistributedDataParallel model that Accelerate built already has a "
-            "communication hook; LocalSGDOptimizer must install its own to keep gradients "
-            "local between rounds. Drop comm_hook from DistributedDataParallelKwargs"
-        )
-    opt._detach_from_ddp(ddp)
+            f"{problem}; for the DistributedDataParallel that Accelerate built, drop comm_hook "
+            "from DistributedDataParallelKwargs"
+        ) from None

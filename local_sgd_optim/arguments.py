@@ -1,0 +1,155 @@
+"""Construction checks beyond the settings: the optimizer, the model, the group, ownership."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from local_sgd_optim.comm.groups import group_rank, group_size
+from local_sgd_optim.ddp import has_foreign_hook, inner_ddp
+
+__all__ = ["Ownership", "check_arguments", "could_communicate", "first_device"]
+
+
+@dataclass
+class Ownership:
+    """Whether the wrapper that owns a base optimizer is still open.
+
+    Example::
+
+        >>> ownership = Ownership.claim(base_optimizer)
+        >>> ownership.closed = True  # at close(): another wrapper may take it
+    """
+
+    closed: bool = False
+
+    @staticmethod
+    def claim(base_optimizer: Optimizer) -> Ownership:
+        """Record a new owner of ``base_optimizer``; the wrapper keeps the returned object."""
+        ownership = Ownership()
+        _OWNERS[base_optimizer] = weakref.ref(ownership)
+        return ownership
+
+
+# Which wrapper holds each base optimizer. Kept outside the optimizer object so that it stays
+# copyable and picklable; weak both ways, so neither is kept alive by this table.
+_OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Ownership]] = weakref.WeakKeyDictionary()
+
+
+def _sharded_parameter(model: nn.Module) -> str | None:
+    """What in ``model`` holds only a shard of the parameters (FSDP, DTensor), if anything."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - builds without distributed support
+        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.4 keeps it private
+        from torch.distributed._tensor import DTensor  # type: ignore[attr-defined]
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return f"module {name or '<root>'!r} is FullyShardedDataParallel"
+    for name, p in model.named_parameters():
+        if isinstance(p, DTensor):
+            return f"parameter {name!r} is a DTensor"
+    return None
+
+
+def _check_types(base_optimizer: object, model: object, process_group: object) -> None:
+    if not isinstance(base_optimizer, Optimizer):
+        raise TypeError(
+            f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "process_group must be a torch.distributed.ProcessGroup or None, "
+            f"got {type(process_group).__name__}"
+        )
+
+
+def check_arguments(
+    base_optimizer: object, model: object, process_group: object, enabled: bool
+) -> None:
+    """Raise on a base optimizer, model or group the wrapper cannot work with.
+
+    Raises:
+        TypeError: wrong types, or a sharded model.
+        ValueError: the base optimizer is already wrapped and open, holds parameters that are
+            not the model's, or this rank is not in ``process_group``.
+        RuntimeError: ``process_group`` without torch.distributed, or a DDP model with a
+            communication hook of its own.
+
+    Example::
+
+        >>> check_arguments(torch.optim.SGD(model.parameters(), lr=0.1), model, None, True)
+    """
+    _check_types(base_optimizer, model, process_group)
+    assert isinstance(base_optimizer, Optimizer) and isinstance(model, nn.Module)
+    owner = _OWNERS.get(base_optimizer)
+    ownership = owner() if owner is not None else None
+    if ownership is not None and not ownership.closed:
+        raise ValueError(
+            "base_optimizer is already wrapped by another LocalSGDOptimizer that is still "
+            "open; two wrappers would step and average it twice. close() the first one, or "
+            "build a new base optimizer"
+        )
+    if process_group is not None and not dist.is_initialized():
+        raise RuntimeError(
+            "process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group() first"
+        )
+    sharded = _sharded_parameter(model)
+    if sharded is not None:
+        raise TypeError(
+            f"model is sharded across ranks ({sharded}); Local SGD averages full copies of the "
+            "model, one per rank. Use a plain module or DistributedDataParallel"
+        )
+    model_params = {id(p) for p in model.parameters()}
+    foreign = sum(
+        1 for g in base_optimizer.param_groups for p in g["params"] if id(p) not in model_params
+    )
+    if foreign:
+        raise ValueError(
+            f"base_optimizer holds {foreign} parameter(s) that are not parameters of model; "
+            "build the base optimizer from model.parameters() (use add_param_group for "
+            "parameters that live outside the model)"
+        )
+    group = process_group if isinstance(process_group, dist.ProcessGroup) else None
+    if enabled and group_rank(group) < 0:
+        raise ValueError(
+            "this rank is not a member of process_group; build LocalSGDOptimizer only on "
+            "the group's ranks, or pass enabled=False elsewhere"
+        )
+    ddp = inner_ddp(model)
+    if enabled and ddp is not None and has_foreign_hook(ddp):
+        raise RuntimeError(
+            "model is a DistributedDataParallel that already has a communication hook; "
+            "LocalSGDOptimizer must install its own to keep gradients local between rounds. "
+            "Wrap a DDP model without register_comm_hook()"
+        )
+
+
+def first_device(model: object) -> torch.device | None:
+    """The device of ``model``'s first parameter, where there is one."""
+    if isinstance(model, nn.Module):
+        return next((p.device for p in model.parameters()), None)
+    return None
+
+
+def could_communicate(process_group: object, enabled: object) -> bool:
+    """Whether this rank would have joined the construction-time collective."""
+    return (
+        enabled is not False
+        and dist.is_available()
+        and dist.is_initialized()
+        and (process_group is None or isinstance(process_group, dist.ProcessGroup))
+        and group_size(process_group) > 1
+        and group_rank(process_group) >= 0
+    )

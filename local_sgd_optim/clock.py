@@ -1,0 +1,191 @@
+"""The clock: counters, accumulation windows, the period schedule and warm-up.
+
+:class:`Clock` answers "what is due at this step?" from counters alone, so that every rank, given
+the same calls, reaches the same answer. It does no communication and knows no tensors.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+__all__ = ["Clock"]
+
+PeriodSchedule = Callable[[int], int]
+
+
+class Clock:
+    """Counters of one :class:`~local_sgd_optim.LocalSGDOptimizer` and what they make due.
+
+    Args:
+        period (int or Callable[[int], int]): steps between rounds, or a schedule.
+        accumulation_steps (int): ``step()`` calls per optimizer step.
+        overlap_steps (int): steps between a round's start and its landing.
+        warmup_steps (int): synchronous steps before the first round.
+        local_period (int, optional): steps between subgroup rounds (two-level).
+
+    Example::
+
+        >>> clock = Clock(period=4, accumulation_steps=2, overlap_steps=0, warmup_steps=0)
+        >>> clock.schedule_first_round()
+        >>> [clock.count_micro_step() for _ in range(4)]
+        [False, True, False, True]
+        >>> clock.count_optimizer_step(); clock.round_due()
+        False
+    """
+
+    def __init__(
+        self,
+        period: int | PeriodSchedule,
+        accumulation_steps: int,
+        overlap_steps: int,
+        warmup_steps: int,
+        local_period: int | None = None,
+    ) -> None:
+        self.period = period
+        self.accumulation_steps = accumulation_steps
+        self.overlap_steps = overlap_steps
+        self.warmup_steps = warmup_steps
+        self.local_period = local_period
+        self.micro_steps = 0
+        self.optimizer_steps = 0
+        self.averaging_rounds = 0
+        self.last_round_step = 0
+        self.local_rounds = 0
+        # micro_steps where the grid of accumulation windows starts (moves when a resumed run
+        # changes accumulation_steps), so that windows stay whole.
+        self.window_start = 0
+        self.next_round_step = 0
+
+    def schedule_first_round(self) -> None:
+        """The first round: a period after warm-up."""
+        self.next_round_step = self.warmup_steps + self.period_from(self.warmup_steps)
+
+    # --- micro-steps and windows ----------------------------------------------------------
+
+    def count_micro_step(self) -> bool:
+        """Count one ``step()`` call; whether it ends an accumulation window."""
+        self.micro_steps += 1
+        return self.at_window_end()
+
+    def at_window_end(self) -> bool:
+        """Whether the last ``step()`` call ended a window (``zero_grad`` may clear then)."""
+        return (self.micro_steps - self.window_start) % self.accumulation_steps == 0
+
+    def next_call_ends_window(self) -> bool:
+        """Whether the next ``step()`` call will end a window (the backward before it is the
+        window's last)."""
+        return (self.micro_steps + 1 - self.window_start) % self.accumulation_steps == 0
+
+    # --- optimizer steps and rounds -------------------------------------------------------
+
+    def count_optimizer_step(self) -> None:
+        """Count one step of the base optimizer (taken or skipped alike)."""
+        self.optimizer_steps += 1
+
+    @property
+    def in_warmup(self) -> bool:
+        """Whether the next optimizer step is a synchronous (warm-up) one."""
+        return self.optimizer_steps < self.warmup_steps
+
+    def landing_due(self) -> bool:
+        """Whether a round started ``overlap_steps`` ago must land now."""
+        return bool(self.overlap_steps) and (
+            self.optimizer_steps - self.last_round_step >= self.overlap_steps
+        )
+
+    def round_due(self) -> bool:
+        """Whether this optimizer step is a round's."""
+        return self.optimizer_steps >= self.next_round_step
+
+    def local_round_due(self) -> bool:
+        """Whether this optimizer step is a subgroup round's (two-level averaging)."""
+        if self.local_period is None or self.optimizer_steps <= self.warmup_steps:
+            return False
+        return (self.optimizer_steps - self.warmup_steps) % self.local_period == 0
+
+    def record_round(self) -> None:
+        """A round ran at this step (applied, skipped or started)."""
+        self.averaging_rounds += 1
+        self.last_round_step = self.optimizer_steps
+
+    def schedule_next_round(self) -> None:
+        """After a scheduled round: the next one is a period later."""
+        self.next_round_step = self.optimizer_steps + self.period_from(self.optimizer_steps)
+
+    def period_from(self, step: int) -> int:
+        """The number of optimizer steps from a round at ``step`` to the next one.
+
+        Raises:
+            ValueError: a schedule returned something other than a positive integer, or a
+                period not longer than ``overlap_steps``.
+        """
+        if not callable(self.period):
+            return self.period
+        returned: object = self.period(step)
+        try:
+            value = -1 if isinstance(returned, bool) else operator.index(returned)  # type: ignore[arg-type]
+        except TypeError:
+            value = -1
+        if value < 1:
+            raise ValueError(
+                f"the period schedule {self.period!r} returned {returned!r} at optimizer step "
+                f"{step}; it must return a positive integer"
+            )
+        if self.overlap_steps >= value:
+            raise ValueError(
+                f"the period schedule returned {value} at optimizer step {step}, not more than "
+                f"overlap_steps={self.overlap_steps}: a round must land before the next starts"
+            )
+        return value
+
+    # --- state ----------------------------------------------------------------------------
+
+    COUNTERS = (
+        "micro_steps",
+        "optimizer_steps",
+        "averaging_rounds",
+        "last_round_step",
+        "next_round_step",
+        "local_rounds",
+        "window_start",
+    )
+
+    def counters(self) -> dict[str, int]:
+        """Every counter by name, for a checkpoint."""
+        return {name: getattr(self, name) for name in self.COUNTERS}
+
+    @staticmethod
+    def window_start_after_resume(
+        counters: dict[str, int], accumulation_changed: bool, old_accumulation: int
+    ) -> int:
+        """Where the windows' grid starts when resuming from ``counters``, saved with
+        ``old_accumulation`` steps per window.
+
+        Raises:
+            ValueError: ``accumulation_steps`` changed in the middle of a window.
+        """
+        micro, start = counters["micro_steps"], counters["window_start"]
+        if not accumulation_changed:
+            return start
+        if (micro - start) % old_accumulation:
+            raise ValueError(
+                f"the checkpoint was taken in the middle of an accumulation window ({micro} "
+                f"step() calls with accumulation_steps={old_accumulation}); resume with "
+                f"accumulation_steps={old_accumulation}, or save right after the optimizer "
+                "step that ends a window"
+            )
+        return micro
+
+    def load(self, counters: dict[str, int], window_start: int, reschedule: bool) -> None:
+        """Take ``counters`` from a checkpoint; with ``reschedule`` (the period or warm-up
+        changed), the next round falls a period after the last one (or after warm-up), and a
+        step already past it rounds at the next step."""
+        for name in self.COUNTERS:
+            setattr(self, name, counters[name])
+        self.window_start = window_start
+        if reschedule:
+            base = self.warmup_steps
+            if self.averaging_rounds:
+                base = max(self.last_round_step, self.warmup_steps)
+            self.next_round_step = base + self.period_from(base)

@@ -1,0 +1,1 @@
+"""How tensors move between ranks: buckets, the averager, the round header, collectives."""

@@ -1,0 +1,359 @@
+"""``BucketedAverager``: averages a fixed list of tensors in place across a process group.
+
+Tensors are cut into buckets (:mod:`~local_sgd_optim.comm.buckets`); each bucket is packed into a
+wire buffer taken from a small pool allocated once, all-reduced with ``async_op=True`` and
+unpacked, so packing, communicating and unpacking of consecutive buckets overlap, and a round
+costs one collective per bucket rather than one per tensor (each gloo collective carries
+milliseconds of fixed latency). Tensors keep their own storage.
+
+With a 16-bit ``comm_dtype``, ranks exchange the *delta* since the last round (the tensor minus a
+full-precision copy of the last averaged values, the *anchor*) in 16 bits and add the averaged
+delta to that copy, so the rounding error scales with how far the tensors moved, not with their
+magnitude. Overlapped rounds (``overlap=True``) live in :mod:`~local_sgd_optim.comm.overlap`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from local_sgd_optim.checks import check_on_nonfinite
+from local_sgd_optim.comm.buckets import cut_into_buckets, group_by_device_and_dtype, pool_plan
+from local_sgd_optim.comm.collectives import MB, POOL_SLOTS, pipeline, start_all_reduce, wait
+from local_sgd_optim.comm.groups import group_rank, group_size
+from local_sgd_optim.comm.header import RoundHeader
+from local_sgd_optim.comm.overlap import InFlightRound, Piece
+from local_sgd_optim.comm.packing import pack, unpack
+from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.comm.tensors import all_finite, copy_all, shaped_views
+
+__all__ = ["BucketedAverager"]
+
+
+class BucketedAverager:
+    """Averages a fixed list of tensors in place across ``process_group``, bucket by bucket.
+
+    Memory, allocated at construction and reused by every round (``C`` is ``bucket_cap_mb``):
+
+    - full precision, no overlap: two wire buffers of at most ``C`` each per device;
+    - 16-bit ``comm_dtype``: one full-precision copy of the averaged tensors (the values of the
+      last round, which deltas are taken against), two 16-bit wire buffers of at most ``C / 2``
+      and one full-precision staging buffer of at most ``C`` per device;
+    - ``overlap``: a round stays in flight while training goes on, so every bucket has its own
+      wire buffer and a copy of what this rank sent: two copies of the averaged tensors in the
+      wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``).
+
+    A non-contiguous tensor larger than ``C`` is the one thing that makes a bucket larger.
+
+    Args:
+        tensors (Sequence[Tensor]): floating-point (or complex) tensors to average in place.
+        process_group (ProcessGroup, optional): the ranks to average over (default: the world).
+        bucket_cap_mb (float): bucket size in MiB of wire bytes (default: 25).
+        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
+            16-bit deltas; ``None`` sends the tensors in their own dtype (default: ``None``).
+        overlap (bool): rounds are started with :meth:`start` and completed with
+            :meth:`finish`, with training in between (default: ``False``).
+        stats (CommStats, optional): where to add up the cost of rounds (default: a new one).
+        on_nonfinite (str): what a round does when some rank's tensors hold NaN or inf:
+            ``"raise"`` a :class:`RoundError` on every rank, or ``"skip"`` the round with a
+            warning; either way no tensor is changed (default: ``"raise"``).
+
+    Every round checks, inside its first collective, that no rank's tensors hold NaN or inf
+    and that all ranks are at the same ``step``; the check costs one read of the tensors and a
+    header of ``9 * world_size`` numbers on the wire.
+
+    Example::
+
+        >>> averager = BucketedAverager(list(model.parameters()), None, bucket_cap_mb=4)
+        >>> averager.average()  # every rank: parameters become the mean over ranks
+
+    .. warning::
+        Every rank must build it from the same shapes and dtypes, and make the same calls.
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        process_group: dist.ProcessGroup | None,
+        *,
+        bucket_cap_mb: float = 25.0,
+        comm_dtype: torch.dtype | None = None,
+        overlap: bool = False,
+        stats: CommStats | None = None,
+        on_nonfinite: str = "raise",
+    ) -> None:
+        self.process_group = process_group
+        self.world_size = group_size(process_group)
+        self.comm_dtype = comm_dtype
+        self.overlap = overlap
+        self.stats = CommStats() if stats is None else stats
+        self.header = RoundHeader(
+            self.world_size, group_rank(process_group), check_on_nonfinite(on_nonfinite)
+        )
+        groups = group_by_device_and_dtype(tensors)
+        self._group_numels = [sum(t.numel() for _, t in g) for g in groups]
+        self._tensors = [t for group in groups for _, t in group]
+        self.buckets = cut_into_buckets(groups, max(1, int(bucket_cap_mb * MB)), comm_dtype)
+        self.header_numel = self.header.numel if self.buckets else 0
+        if self.buckets:
+            self.buckets[0].header_numel = self.header_numel
+        self.numel = sum(b.numel for b in self.buckets)
+        self.nbytes = sum(b.wire_bytes for b in self.buckets)
+        self._previous_user = [-1] * len(self.buckets)
+        self._anchors: list[Tensor | None] = [None] * len(groups)
+        self._allocate()
+        self._in_flight = InFlightRound(self.buckets, self.header, process_group, self.stats)
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what a round does when some rank's tensors are not finite."""
+        return self.header.on_nonfinite
+
+    # --- memory ---------------------------------------------------------------------------
+
+    def _allocate(self) -> None:
+        if self.overlap:
+            for b in self.buckets:
+                b.set_wire(
+                    torch.empty(b.header_numel + b.numel, dtype=b.wire_dtype, device=b.device)
+                )
+                b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=b.device)
+                b.sent_views = shaped_views(b.sent, b.sources)
+        else:
+            plan = pool_plan(self.buckets, POOL_SLOTS)
+            self._previous_user = [previous for _, previous in plan]
+            pools: dict[tuple[torch.device, int], Tensor] = {}
+            for b, (slot, _) in zip(self.buckets, plan):
+                size = max(x.wire_bytes for x in self.buckets if x.device == b.device)
+                if (b.device, slot) not in pools:
+                    pools[b.device, slot] = torch.empty(size, dtype=torch.uint8, device=b.device)
+                b.set_wire(pools[b.device, slot][: b.wire_bytes].view(b.wire_dtype))
+        self._allocate_staging()
+
+    def _allocate_staging(self) -> None:
+        # One full-precision staging buffer per device for the delta buckets, also the wire of
+        # the full-precision round that sets the anchor: room for a header.
+        for device in {b.device for b in self.buckets if b.delta}:
+            deltas = [b for b in self.buckets if b.delta and b.device == device]
+            size = max((b.header_numel + b.numel) * b.dtype.itemsize for b in deltas)
+            scratch = torch.empty(size, dtype=torch.uint8, device=device)
+            for b in deltas:
+                full = scratch[: (b.header_numel + b.numel) * b.dtype.itemsize].view(b.dtype)
+                b.scratch_wire = full
+                b.scratch = full[b.header_numel :]
+                b.scratch_views = shaped_views(b.scratch, b.sources)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes this averager allocated for itself (buffers, copies), not counting the tensors."""
+        seen: dict[int, int] = {}
+        buffers = [t for b in self.buckets for t in (b.wire, b.scratch, b.sent) if t is not None]
+        for t in buffers + [a for a in self._anchors if a is not None]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    # --- the anchor for 16-bit deltas -----------------------------------------------------
+
+    @property
+    def anchored(self) -> bool:
+        """Whether the full-precision copy for 16-bit deltas holds the last round's values."""
+        return all(b.anchor is not None for b in self.buckets if b.delta)
+
+    def _set_anchor_storage(self) -> None:
+        for g, numel in enumerate(self._group_numels):
+            first = next((b for b in self.buckets if b.group == g), None)
+            if self._anchors[g] is None and any(b.delta and b.group == g for b in self.buckets):
+                assert first is not None
+                self._anchors[g] = torch.empty(numel, dtype=first.dtype, device=first.device)
+        for b in self.buckets:
+            anchor = self._anchors[b.group]
+            if b.delta and anchor is not None:
+                b.anchor = anchor[b.group_offset : b.group_offset + b.numel]
+                b.anchor_views = shaped_views(b.anchor, b.sources)
+
+    def anchor_tensors(self) -> list[Tensor]:
+        """The full-precision copies kept for 16-bit deltas, one flat tensor per group."""
+        return [a for a in self._anchors if a is not None] if self.anchored else []
+
+    def load_anchor_tensors(self, anchors: Sequence[Tensor]) -> None:
+        """Restore :meth:`anchor_tensors` from a checkpoint (an empty list: not anchored)."""
+        if not anchors:
+            self._anchors = [None] * len(self._anchors)
+            for b in self.buckets:
+                b.anchor, b.anchor_views = None, []
+            return
+        self._set_anchor_storage()
+        mine = [a for a in self._anchors if a is not None]
+        if len(anchors) != len(mine) or any(
+            a.numel() != b.numel() or a.dtype != b.dtype for a, b in zip(anchors, mine)
+        ):
+            raise ValueError(
+                "the checkpoint's full-precision copy for comm_dtype does not match this model "
+                f"({[(tuple(a.shape), a.dtype) for a in anchors]} against "
+                f"{[(tuple(a.shape), a.dtype) for a in mine]})"
+            )
+        with torch.no_grad():
+            for destination, source in zip(mine, anchors):
+                destination.copy_(source)
+
+    def set_anchor_from_tensors(self) -> None:
+        """Take the tensors' current values as the reference for deltas (ranks must agree)."""
+        if any(b.delta for b in self.buckets):
+            self._set_anchor_storage()
+            with torch.no_grad():
+                for b in self.buckets:
+                    if b.delta:
+                        copy_all(b.anchor_views, b.sources)
+
+    @torch.no_grad()
+    def set_anchor_values(self, values: dict[int, Tensor]) -> None:
+        """Take ``values[i]`` as the reference for deltas of input tensor ``i`` (the outer
+        optimizer's result, say); other tensors keep theirs."""
+        for b in self.buckets:
+            if b.delta and b.anchor is not None:
+                for view, source, (index, offset) in zip(b.anchor_views, b.sources, b.origins):
+                    if index in values:
+                        view.copy_(Piece.slice_of(values[index], offset, source))
+
+    # --- blocking rounds ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def average(self, step: int = 0) -> bool:
+        """One averaging round, blocking until the tensors hold the mean over ranks.
+
+        Completes a round started with :meth:`start` first. Every rank of the group must call
+        it, with the same ``step``.
+
+        Returns:
+            Whether the round was applied (``False``: skipped for non-finite values).
+
+        Raises:
+            RoundError: ranks are at different steps, a rank's tensors are not finite (with
+                ``on_nonfinite="raise"``), or the collective failed (a rank exited or timed out).
+        """
+        if self.pending:
+            self.finish()
+        began = time.perf_counter()
+        nonfinite = not all_finite(self._tensors)
+        try:
+            if any(b.delta for b in self.buckets) and not self.anchored:
+                applied = self._full_precision_round(step, nonfinite)
+            else:
+                applied = self._pipelined_round(step, nonfinite)
+        finally:
+            self.stats.round_seconds += time.perf_counter() - began
+        self.stats.rounds += int(applied)
+        return applied
+
+    def _pipelined_round(self, step: int, nonfinite: bool) -> bool:
+        def start(i: int) -> dist.Work:
+            b = self.buckets[i]
+            pack(b, b.payload, b.payload_views)
+            if i == 0:
+                self.header.write(b.header, step, nonfinite)
+            return start_all_reduce(b.wire, self.process_group, self.stats, step)
+
+        def land(i: int, work: dist.Work) -> bool:
+            wait(work, self.stats, step)
+            if i == 0 and not self.header.verdict(self.buckets[0].header, step):
+                return False
+            unpack(self.buckets[i], self.world_size)
+            return True
+
+        return pipeline(self._previous_user, start, land, lambda work: wait(work, self.stats, step))
+
+    def _full_precision_round(self, step: int, nonfinite: bool) -> bool:
+        # The first round with 16-bit deltas has nothing to take deltas against: average in full
+        # precision (delta buckets through their staging buffer), then keep the result as the
+        # reference. Rare, so one bucket at a time.
+        self._set_anchor_storage()
+        for i, b in enumerate(self.buckets):
+            if b.delta:
+                assert b.scratch is not None and b.scratch_wire is not None
+                wire, payload, views = b.scratch_wire, b.scratch, b.scratch_views
+            else:
+                wire, payload, views = b.wire, b.payload, b.payload_views
+            copy_all(views, b.sources)
+            if i == 0:
+                self.header.write(wire[: b.header_numel], step, nonfinite)
+            wait(start_all_reduce(wire, self.process_group, self.stats, step), self.stats, step)
+            if i == 0 and not self.header.verdict(wire[: b.header_numel], step):
+                return False
+            payload.div_(self.world_size)
+            copy_all(b.sources, views)
+            if b.delta:
+                assert b.anchor is not None
+                b.anchor.copy_(payload)
+        return True
+
+    # --- overlapped rounds ----------------------------------------------------------------
+
+    @property
+    def pending(self) -> bool:
+        """Whether a round started with :meth:`start` has not been finished."""
+        return self._in_flight.pending
+
+    @torch.no_grad()
+    def start(self, step: int = 0) -> bool | None:
+        """Snapshot the tensors and start all-reducing the snapshot in the background.
+
+        The first round with 16-bit deltas is completed at once (see :meth:`average`).
+
+        Returns:
+            ``None`` when the round is in flight; when it completed at once, whether it was
+            applied.
+        """
+        if not self.overlap:
+            raise RuntimeError("start() needs a BucketedAverager built with overlap=True")
+        if self.pending:
+            raise RuntimeError("a round is already in flight; finish() it first")
+        if any(b.delta for b in self.buckets) and not self.anchored:
+            return self.average(step)
+        began = time.perf_counter()
+        self._in_flight.start(step, not all_finite(self._tensors))
+        self.stats.round_seconds += time.perf_counter() - began
+        return None
+
+    @torch.no_grad()
+    def finish(self) -> bool:
+        """Wait for the round started by :meth:`start` and apply it.
+
+        Each tensor becomes the mean of the snapshots plus this rank's own change since its
+        snapshot. Does nothing when no round is in flight.
+
+        Returns:
+            Whether a round was applied.
+        """
+        if not self.pending:
+            return False
+        began = time.perf_counter()
+        try:
+            applied = self._in_flight.finish()
+        finally:
+            self.stats.round_seconds += time.perf_counter() - began
+        self.stats.rounds += int(applied)
+        return applied
+
+    def snapshot_pieces(self) -> list[Piece]:
+        """Right after :meth:`finish`: every piece of the averaged tensors with the mean of the
+        ranks' snapshots, for an outer optimizer, which steps from that mean."""
+        return self._in_flight.snapshot_pieces()
+
+    def pending_state(self) -> dict[str, Any] | None:
+        """A round in flight as tensors (it is waited for first), for a checkpoint."""
+        return self._in_flight.state()
+
+    def load_pending_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a round saved by :meth:`pending_state`; :meth:`finish` then applies it."""
+        if state is not None and not self.overlap:
+            raise ValueError(
+                "the checkpoint's round in flight does not match this model's buckets; resume "
+                "with the same model, comm_dtype, overlap_steps and bucket_cap_mb"
+            )
+        self._in_flight.load_state(state)

@@ -1,0 +1,171 @@
+"""Buckets: runs of consecutive (slices of) tensors of one device and dtype, one collective each.
+
+Tensors are grouped by (device, dtype) in a fixed order and cut into buckets of equal size, at
+most ``cap`` bytes of full precision each; a tensor larger than a bucket is split across
+several. Each piece remembers which input tensor it came from and where, so that code above the
+buckets can talk about tensors, never about bucket internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from local_sgd_optim.comm.tensors import as_real, shaped_views
+
+__all__ = ["Bucket", "cut_into_buckets", "group_by_device_and_dtype", "pool_plan", "wire_dtype"]
+
+
+@dataclass(eq=False)
+class Bucket:
+    """A run of pieces of one device and dtype, sent as one collective.
+
+    Args:
+        device (torch.device): where the pieces live.
+        dtype (torch.dtype): their (real) dtype.
+        wire_dtype (torch.dtype): what travels: ``dtype``, or a 16-bit type for deltas.
+        sources (list of Tensor): 1-D slices of contiguous tensors, or whole non-contiguous ones.
+        origins (list of (int, int)): for each source, the input tensor's index and the
+            source's offset in that tensor's flattened real view.
+        numel (int): elements in all sources.
+        group (int): index of its (device, dtype) group.
+        group_offset (int): where the bucket starts in its group's flat layout.
+
+    Example::
+
+        >>> buckets = cut_into_buckets(group_by_device_and_dtype(params), 4 << 20, None)
+        >>> sum(b.numel for b in buckets) == sum(p.numel() for p in params)
+        True
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    wire_dtype: torch.dtype
+    sources: list[Tensor]
+    origins: list[tuple[int, int]]
+    numel: int
+    group: int
+    group_offset: int
+    header_numel: int = 0  # the first bucket of a round also carries the round's header
+    wire: Tensor = field(init=False)  # what is all-reduced: header, then payload
+    payload: Tensor = field(init=False)
+    payload_views: list[Tensor] = field(init=False)
+    scratch: Tensor | None = field(default=None, init=False)  # full precision staging
+    scratch_wire: Tensor | None = field(default=None, init=False)  # header + scratch
+    scratch_views: list[Tensor] = field(default_factory=list, init=False)
+    sent: Tensor | None = field(default=None, init=False)  # overlap: the payload this rank sent
+    sent_views: list[Tensor] = field(default_factory=list, init=False)
+    anchor: Tensor | None = field(default=None, init=False)  # deltas: last averaged values
+    anchor_views: list[Tensor] = field(default_factory=list, init=False)
+
+    @property
+    def delta(self) -> bool:
+        """Whether the bucket travels as 16-bit deltas against a full-precision anchor."""
+        return self.wire_dtype != self.dtype
+
+    @property
+    def wire_bytes(self) -> int:
+        """Bytes on the wire, header included."""
+        return (self.header_numel + self.numel) * self.wire_dtype.itemsize
+
+    @property
+    def header(self) -> Tensor:
+        """The round's header at the front of the wire (empty except in the first bucket)."""
+        return self.wire[: self.header_numel]
+
+    def set_wire(self, wire: Tensor) -> None:
+        """Use ``wire`` (header, then payload) for this bucket's collective."""
+        self.wire = wire
+        self.payload = wire[self.header_numel :]
+        self.payload_views = shaped_views(self.payload, self.sources)
+
+
+def group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[tuple[int, Tensor]]]:
+    """Real views of ``tensors`` with their input index, grouped by (device, dtype) in a fixed
+    order; empty tensors are left out."""
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[int, Tensor]]] = {}
+    for index, tensor in enumerate(tensors):
+        real = as_real(tensor)
+        if real.numel() == 0:
+            continue
+        groups.setdefault((real.device, real.dtype), []).append((index, real))
+    # A fixed order of groups keeps the sequence of collectives identical on every rank.
+    ordered = sorted(groups.items(), key=lambda item: (str(item[0][0]), str(item[0][1])))
+    return [group for _, group in ordered]
+
+
+def wire_dtype(dtype: torch.dtype, comm_dtype: torch.dtype | None) -> torch.dtype:
+    """What a tensor of ``dtype`` travels as: only tensors wider than ``comm_dtype`` gain from
+    deltas; 16-bit tensors travel as they are."""
+    if comm_dtype is not None and dtype.is_floating_point and dtype.itemsize > comm_dtype.itemsize:
+        return comm_dtype
+    return dtype
+
+
+def _runs(
+    tensors: Sequence[tuple[int, Tensor]], cap: int
+) -> list[list[tuple[Tensor, tuple[int, int]]]]:
+    """Pieces of at most ``cap`` elements in all, per run, in order."""
+    runs: list[list[tuple[Tensor, tuple[int, int]]]] = [[]]
+    filled = 0
+    for index, tensor in tensors:
+        if not tensor.is_contiguous():
+            # Cannot be sliced without a copy: it travels whole, alone if it is large.
+            if filled and filled + tensor.numel() > cap:
+                runs.append([])
+                filled = 0
+            runs[-1].append((tensor, (index, 0)))
+            filled += tensor.numel()
+            continue
+        flat = tensor.view(-1)
+        start = 0
+        while start < flat.numel():
+            if filled >= cap:
+                runs.append([])
+                filled = 0
+            take = min(cap - filled, flat.numel() - start)
+            runs[-1].append((flat[start : start + take], (index, start)))
+            filled += take
+            start += take
+    return runs
+
+
+def cut_into_buckets(
+    groups: list[list[tuple[int, Tensor]]], cap_bytes: int, comm_dtype: torch.dtype | None
+) -> list[Bucket]:
+    """Cut each group into buckets of equal size, at most ``cap_bytes`` of full precision."""
+    buckets: list[Bucket] = []
+    for g, tensors in enumerate(groups):
+        dtype, device = tensors[0][1].dtype, tensors[0][1].device
+        # The cap counts full-precision bytes, which bounds the staging buffer of 16-bit deltas
+        # too; buckets of equal size keep the two reused wire buffers as small as they can be.
+        cap = max(1, cap_bytes // dtype.itemsize)
+        total = sum(t.numel() for _, t in tensors)
+        cap = -(-total // -(-total // cap))
+        offset = 0
+        for run in _runs(tensors, cap):
+            numel = sum(t.numel() for t, _ in run)
+            if numel:
+                sources = [t for t, _ in run]
+                origins = [o for _, o in run]
+                wire = wire_dtype(dtype, comm_dtype)
+                buckets.append(Bucket(device, dtype, wire, sources, origins, numel, g, offset))
+                offset += numel
+    return buckets
+
+
+def pool_plan(buckets: Sequence[Bucket], slots: int) -> list[tuple[int, int]]:
+    """For each bucket, (its slot in a pool of ``slots`` buffers per device, the index of the
+    bucket that used that slot before it, or -1): a bucket may be packed only once that earlier
+    one has been unpacked."""
+    per_device: dict[torch.device, list[int]] = {}
+    plan = [(0, -1)] * len(buckets)
+    for i, bucket in enumerate(buckets):
+        used = per_device.setdefault(bucket.device, [])
+        k = len(used)
+        plan[i] = (k % slots, used[k - slots] if k >= slots else -1)
+        used.append(i)
+    return plan

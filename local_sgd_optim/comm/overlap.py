@@ -1,0 +1,174 @@
+"""A round in flight: started at a boundary, applied some optimizer steps later.
+
+Each bucket has its own wire buffer and a copy of what this rank sent (see
+:class:`~local_sgd_optim.comm.averager.BucketedAverager`). When the round lands, each tensor
+becomes the mean of the ranks' snapshots plus this rank's own change since its snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from local_sgd_optim.comm.buckets import Bucket
+from local_sgd_optim.comm.collectives import start_all_reduce, wait
+from local_sgd_optim.comm.header import RoundHeader
+from local_sgd_optim.comm.packing import apply_overlapped, pack
+from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.comm.tensors import as_real
+
+__all__ = ["InFlightRound", "Piece"]
+
+
+@dataclass
+class Piece:
+    """A piece of an averaged tensor as one bucket holds it.
+
+    Args:
+        index (int): the tensor's index in the list the averager was built from.
+        offset (int): where the piece starts in the tensor's flattened real view.
+        source (Tensor): the piece of the tensor itself (a view).
+        mean (Tensor): the mean over ranks that goes with it, shaped like ``source``.
+
+    Example::
+
+        >>> for piece in averager.snapshot_pieces():
+        ...     kept = Piece.slice_of(copies[piece.index], piece.offset, piece.source)
+    """
+
+    index: int
+    offset: int
+    source: Tensor
+    mean: Tensor
+
+    @staticmethod
+    def slice_of(tensor: Tensor, offset: int, like: Tensor) -> Tensor:
+        """The part of the contiguous ``tensor`` at ``offset`` that matches the piece ``like``
+        of a tensor of the same shape."""
+        flat = as_real(tensor).reshape(-1)
+        return flat[offset : offset + like.numel()].view(like.shape)
+
+
+class InFlightRound:
+    """Starts, lands, saves and restores the overlapped round of a list of buckets.
+
+    Args:
+        buckets (Sequence[Bucket]): the averager's buckets, with their own wire and ``sent``.
+        header (RoundHeader): writes and judges the round's header.
+        process_group (ProcessGroup, optional): the ranks to average over.
+        stats (CommStats): where to add up the cost.
+
+    Example::
+
+        >>> round = InFlightRound(averager.buckets, averager.header, None, stats)
+        >>> round.start(step=8, nonfinite=False)
+        >>> ...  # optimizer steps
+        >>> round.finish()
+    """
+
+    def __init__(
+        self,
+        buckets: Sequence[Bucket],
+        header: RoundHeader,
+        process_group: dist.ProcessGroup | None,
+        stats: CommStats,
+    ) -> None:
+        self.buckets = list(buckets)
+        self.header = header
+        self.process_group = process_group
+        self.stats = stats
+        self._works: list[dist.Work] | None = None
+        self._step = 0
+        self._payload_scaled = False
+
+    @property
+    def pending(self) -> bool:
+        """Whether a round was started and not finished."""
+        return self._works is not None
+
+    def start(self, step: int, nonfinite: bool) -> None:
+        """Snapshot every bucket into its ``sent`` copy and start all-reducing it."""
+        works = []
+        for i, b in enumerate(self.buckets):
+            assert b.sent is not None
+            pack(b, b.sent, b.sent_views)
+            b.payload.copy_(b.sent)
+            if i == 0:
+                self.header.write(b.header, step, nonfinite)
+            works.append(start_all_reduce(b.wire, self.process_group, self.stats, step))
+        self._works = works
+        self._step = step
+
+    def finish(self) -> bool:
+        """Wait for the round and apply it; whether it was applied (not skipped for NaN)."""
+        works, self._works = self._works or [], None
+        for work in works:  # empty when state() already waited
+            wait(work, self.stats, self._step)
+        if self.buckets and not self.header.verdict(self.buckets[0].header, self._step):
+            return False
+        world = self.header.world_size
+        for b in self.buckets:
+            apply_overlapped(b, world)
+        self._payload_scaled = False
+        return True
+
+    def snapshot_pieces(self) -> list[Piece]:
+        """Right after :meth:`finish`: each piece with the mean of the ranks' snapshots."""
+        pieces = []
+        for b in self.buckets:
+            if b.delta:
+                means = b.anchor_views  # the last values plus the mean delta
+            else:
+                if not self._payload_scaled:
+                    b.payload.mul_(1.0 / self.header.world_size)
+                means = b.payload_views
+            for source, mean, (index, offset) in zip(b.sources, means, b.origins):
+                pieces.append(Piece(index, offset, source, mean))
+        self._payload_scaled = True
+        return pieces
+
+    def state(self) -> dict[str, Any] | None:
+        """The round in flight as tensors (it is waited for first), for a checkpoint."""
+        if self._works is None:
+            return None
+        for work in self._works:
+            wait(work, self.stats, self._step)
+        self._works = []  # complete, waiting to be applied
+        return {
+            "step": self._step,
+            "received": [b.wire.clone() for b in self.buckets],
+            "sent": [b.sent.clone() for b in self.buckets if b.sent is not None],
+        }
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a round saved by :meth:`state`; :meth:`finish` then applies it."""
+        if state is None:
+            self._works = None
+            return
+        received, sent = state["received"], state["sent"]
+        if (
+            len(received) != len(self.buckets)
+            or len(sent) != len(self.buckets)
+            or any(
+                r.numel() != b.header_numel + b.numel
+                or s.numel() != b.numel
+                or r.dtype != b.wire_dtype
+                for r, s, b in zip(received, sent, self.buckets)
+            )
+        ):
+            raise ValueError(
+                "the checkpoint's round in flight does not match this model's buckets; resume "
+                "with the same model, comm_dtype, overlap_steps and bucket_cap_mb"
+            )
+        with torch.no_grad():
+            for b, r, s in zip(self.buckets, received, sent):
+                assert b.sent is not None
+                b.wire.copy_(r)
+                b.sent.copy_(s)
+        self._works = []
+        self._step = int(state["step"])

@@ -1,0 +1,65 @@
+"""What averaging costs (:class:`CommStats`) and how a round fails (:class:`RoundError`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CommStats", "RoundError"]
+
+
+class RoundError(RuntimeError):
+    """An averaging round could not be applied; raised on every rank of the group alike.
+
+    Raised when ranks are out of step, when a rank's parameters hold NaN or inf (with
+    ``on_nonfinite="raise"``), or when the round's collective fails (a rank exited or timed
+    out). In the first two cases no rank's parameters changed.
+
+    Args:
+        message (str): what happened and what to do about it.
+
+    Example::
+
+        >>> try:
+        ...     opt.step()
+        ... except RoundError as error:
+        ...     print(f"rank {dist.get_rank()}: {error}")  # the same on every rank
+        ...     raise
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+@dataclass
+class CommStats:
+    """What averaging has cost this rank so far (``LocalSGDOptimizer.stats``).
+
+    Args:
+        rounds (int): averaging rounds applied (skipped ones and rounds on one rank do not
+            count).
+        bytes_communicated (int): payload bytes this rank contributed to all-reduces (a ring
+            all-reduce moves about twice that over each rank's link).
+        comm_seconds (float): time the training thread spent blocked waiting on communication.
+        round_seconds (float): time the training thread spent in rounds, packing and unpacking
+            included (communication that overlaps compute is not counted).
+
+    Example::
+
+        >>> s = opt.stats
+        >>> print(f"{s.bytes_communicated / 2**20:.0f} MiB over {s.rounds} rounds, "
+        ...       f"{s.comm_seconds:.1f} s blocked on the network")
+    """
+
+    rounds: int = 0
+    bytes_communicated: int = 0
+    comm_seconds: float = 0.0
+    round_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The four numbers as a plain dict (for logs, metrics files and checkpoints)."""
+        return {
+            "rounds": self.rounds,
+            "bytes_communicated": self.bytes_communicated,
+            "comm_seconds": self.comm_seconds,
+            "round_seconds": self.round_seconds,
+        }

@@ -1,0 +1,207 @@
+"""What a round does once the clock says one is due.
+
+:class:`Rounds` owns the averagers (the group's and, for two-level averaging, the subgroup's),
+re-plans them when the averaged tensors change, applies a round in flight, and runs the outer
+optimizer after a round; it keeps the state a checkpoint needs of all that. It does not decide
+when: :class:`~local_sgd_optim.LocalSGDOptimizer` and its clock do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from local_sgd_optim import state_entry
+from local_sgd_optim.agreement import agree_across_ranks
+from local_sgd_optim.comm.averager import BucketedAverager
+from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.outer import OuterOptimizer
+from local_sgd_optim.settings import Settings
+from local_sgd_optim.tracked import Tracked, averaged_tensors, describe, outer_sources, plan_key
+from local_sgd_optim.tracked import tracked as tracked_state
+from local_sgd_optim.two_level import build_local_group
+
+__all__ = ["Rounds"]
+
+_LOG = logging.getLogger("local_sgd_optim")
+
+
+class Rounds:
+    """The averaging rounds of one wrapper: plan, average, land, outer step, state.
+
+    Args:
+        model (nn.Module): whose parameters and buffers are averaged.
+        extra_params (list of Tensor): parameters added with ``add_param_group`` (shared, so
+            later additions are seen).
+        settings (Settings): the wrapper's settings.
+        process_group (ProcessGroup, optional): the ranks to average over.
+        stats (CommStats): where the cost of rounds adds up.
+        device (torch.device, optional): the model's device, for bookkeeping collectives.
+        communicates (bool): whether rounds communicate at all (several ranks, enabled).
+
+    Example::
+
+        >>> rounds = Rounds(model, [], settings, None, stats, None, communicates=True)
+        >>> rounds.agree(); rounds.build(); rounds.run(step=8, blocking=True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        extra_params: list[Tensor],
+        settings: Settings,
+        process_group: dist.ProcessGroup | None,
+        stats: CommStats,
+        device: torch.device | None,
+        communicates: bool,
+    ) -> None:
+        self._model = model
+        self._extra_params = extra_params
+        self._settings = settings
+        self._process_group = process_group
+        self._stats = stats
+        self._device = device
+        self.communicates = communicates
+        self.averager: BucketedAverager | None = None
+        self.local_averager: BucketedAverager | None = None
+        self._local_group: dist.ProcessGroup | None = None
+        self._plan_key: tuple[object, ...] | None = None
+        self.outer: OuterOptimizer | None = None
+        if settings.outer_optimizer is not None:
+            ready = settings.broadcast_initial or not communicates
+            self.outer = OuterOptimizer(settings.outer_optimizer, ready)
+
+    def tracked(self) -> list[Tracked]:
+        """Every parameter and buffer, and whether rounds average it, as they are now."""
+        return list(tracked_state(self._model, self._extra_params, self._settings.average_buffers))
+
+    def agree(self) -> None:
+        """Check with every rank that settings and tensors match (raises on every rank)."""
+        lines = self._settings.describe() + describe(self.tracked())
+        agree_across_ranks(lines, self._process_group, self._device)
+
+    def build(self, world_size: int) -> None:
+        """Build the subgroup (two-level averaging) and the averagers; call on every rank."""
+        if self._settings.local_period is not None:
+            group = self._settings.local_group
+            self._local_group = build_local_group(group, self._process_group, world_size)
+        self._build_averagers()
+
+    def build_outer(self) -> None:
+        """Take the outer optimizer's kept copy from the parameters as they are now."""
+        if self.outer is not None:
+            self.outer.build(outer_sources(self.tracked()))
+
+    def _build_averagers(self) -> None:
+        entries = self.tracked()
+        tensors = averaged_tensors(entries)
+        settings = self._settings
+        common: dict[str, Any] = {
+            "bucket_cap_mb": settings.bucket_cap_mb,
+            "comm_dtype": settings.comm_dtype,
+            "stats": self._stats,
+            "on_nonfinite": settings.on_nonfinite,
+        }
+        overlap = settings.overlap_steps > 0
+        self.averager = BucketedAverager(tensors, self._process_group, overlap=overlap, **common)
+        if self._local_group is not None:
+            self.local_averager = BucketedAverager(tensors, self._local_group, **common)
+        self._plan_key = plan_key(entries)
+
+    def set_anchors_from_tensors(self) -> None:
+        """Every rank holds the same values now: the reference for 16-bit deltas."""
+        for averager in (self.averager, self.local_averager):
+            if averager is not None:
+                averager.set_anchor_from_tensors()
+
+    def _refresh_plan(self) -> None:
+        if plan_key(self.tracked()) != self._plan_key:
+            # Parameters were unfrozen, added or replaced since the last round.
+            self.agree()
+            self._build_averagers()
+
+    @property
+    def in_flight(self) -> bool:
+        """Whether a round started with ``overlap_steps`` has not landed."""
+        return self.averager is not None and self.averager.pending
+
+    def land(self) -> None:
+        """Apply the round in flight, with the outer step if there is one."""
+        averager = self.averager
+        if averager is None or not averager.pending or not averager.finish():
+            return
+        if self.outer is not None:
+            sources = outer_sources(self.tracked())
+            kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
+            averager.set_anchor_values(kept)  # deltas are taken from the outer result on
+
+    def run(self, step: int, blocking: bool, round_number: int) -> None:
+        """One round at optimizer ``step``: blocking, or started to land later."""
+        # Whether the round's values are in place now (not started in the background), and
+        # whether it was applied at all (a round skipped for NaN must not feed the outer step).
+        landed = applied = True
+        if self.communicates:
+            self.land()  # a round in flight lands first
+            self._refresh_plan()
+            assert self.averager is not None
+            before = dataclasses.replace(self._stats)
+            if blocking:
+                applied = self.averager.average(step)
+            else:
+                result = self.averager.start(step)
+                landed, applied = result is not None, bool(result)
+            self._log(before, step, blocking, round_number)
+        if self.outer is not None and landed and applied:  # a started one steps when it lands
+            self.outer.step_from_mean(outer_sources(self.tracked()))
+            if self.averager is not None:
+                self.averager.set_anchor_from_tensors()  # deltas start from the outer result
+        if self.local_averager is not None:
+            self.local_averager.set_anchor_from_tensors()
+
+    def run_local(self, step: int) -> None:
+        """One round inside the subgroup (two-level averaging)."""
+        if self.communicates:
+            self._refresh_plan()
+            if self.local_averager is not None:
+                self.local_averager.average(step)
+
+    def _log(self, before: CommStats, step: int, blocking: bool, round_number: int) -> None:
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug(
+                "round %d at step %d (%s): %d bytes sent, %.1f ms in the round, %.1f ms "
+                "blocked on communication",
+                round_number,
+                step,
+                "blocking" if blocking else "started, lands later",
+                self._stats.bytes_communicated - before.bytes_communicated,
+                1e3 * (self._stats.round_seconds - before.round_seconds),
+                1e3 * (self._stats.comm_seconds - before.comm_seconds),
+            )
+
+    def describe_plan(self) -> str:
+        """What a round sends, for the settings log line."""
+        averager = self.averager
+        if averager is None:
+            return "nothing is communicated"
+        return (
+            f"{averager.numel:,} values ({averager.nbytes / 2**20:.1f} MiB on the wire) "
+            f"in {len(averager.buckets)} bucket(s)"
+        )
+
+    def state_tensors(self) -> dict[str, Any]:
+        """The anchors, a round in flight and the outer state, as copies for a checkpoint."""
+        tensors: dict[str, Any] = {}
+        if self.averager is not None:
+            tensors[state_entry.ANCHOR] = [a.clone() for a in self.averager.anchor_tensors()]
+            tensors[state_entry.PENDING] = self.averager.pending_state()
+        if self.local_averager is not None:
+            anchors = self.local_averager.anchor_tensors()
+            tensors[state_entry.LOCAL_ANCHOR] = [a.clone() for a in anchors]
+        if self.outer is not None:
+            tensors[state_entry.OUTER] = self.outer.state_dict()
+        return tensors

@@ -1,0 +1,98 @@
+"""The settings alone: one definition from which checks, agreement, state and repr derive."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from local_sgd_optim import LocalSGDOptimizer
+from local_sgd_optim.settings import Settings
+
+
+def test_every_constructor_setting_is_a_field_and_every_field_a_constructor_argument() -> None:
+    import inspect
+
+    fields = [f.name for f in dataclasses.fields(Settings)]
+    arguments = list(inspect.signature(LocalSGDOptimizer).parameters)
+    others = {"base_optimizer", "model", "process_group"}
+    assert [a for a in arguments if a not in others] == fields
+
+
+def test_describe_lists_every_setting_and_names_callables_by_name() -> None:
+    def nesterov(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
+
+    settings = Settings.from_arguments(period=8, outer_optimizer=nesterov, warmup_steps=3)
+    lines = settings.describe()
+    assert len(lines) == len(dataclasses.fields(Settings))
+    assert "setting warmup_steps=3" in lines and "setting enabled=True" in lines
+    described = [line for line in lines if "outer_optimizer" in line]
+    assert described == [
+        "setting outer_optimizer=test_describe_lists_every_setting_and_names_callables_by_name"
+        ".<locals>.nesterov"
+    ]
+    assert "0x" not in " ".join(lines)  # no address, which differs between ranks
+
+
+def test_state_keeps_the_saved_settings_and_round_trips() -> None:
+    settings = Settings.from_arguments(period=8, comm_dtype=torch.bfloat16, local_period=2)
+    state = settings.to_state()
+    assert state["comm_dtype"] == "bfloat16" and state["period"] == 8
+    assert (
+        set(state) == {f.name for f in dataclasses.fields(Settings) if f.metadata["saved"]}
+        and "enabled" not in state
+    )
+    assert settings.changed_from(Settings.from_state(state)) == []
+    other = Settings.from_arguments(period=16, local_period=2)
+    assert other.changed_from(Settings.from_state(state)) == ["period", "comm_dtype"]
+    schedule = Settings.from_arguments(period=lambda step: 4)
+    assert schedule.to_state()["period"] is None
+    assert schedule.changed_from(Settings.from_state(schedule.to_state())) == []
+
+
+def test_older_states_take_defaults_and_the_newest_must_be_complete() -> None:
+    state = Settings.from_arguments(period=8).to_state()
+    for name in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "on_nonfinite", "warmup_steps"):
+        del state[name]
+    assert Settings.missing_from_state(state, version=1) == []
+    assert Settings.missing_from_state(state, version=3) == [
+        "bucket_cap_mb",
+        "comm_dtype",
+        "overlap_steps",
+        "on_nonfinite",
+    ]
+    assert Settings.from_state(state)["comm_dtype"] is None
+    with pytest.raises(ValueError, match="setting is invalid: comm_dtype must be one of"):
+        Settings.from_state({**state, "comm_dtype": "int8"})
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "message"),
+    [
+        ({"period": 0}, ValueError, "period must be a positive integer, got 0"),
+        ({"period": 4, "average_buffers": 1}, TypeError, "average_buffers must be a bool"),
+        ({"period": 4, "overlap_steps": 4}, ValueError, "overlap_steps must be smaller than"),
+        ({"period": 4, "local_period": 4}, ValueError, "local_period must be smaller than"),
+        ({"period": 4, "local_group": "node"}, ValueError, "local_group was given without"),
+        ({"period": 4, "comm_dtype": torch.int8}, ValueError, "comm_dtype must be None"),
+        ({"period": 4, "on_nonfinite": "ignore"}, ValueError, "on_nonfinite must be 'raise'"),
+        ({"period": 4, "local_group": 3}, TypeError, "local_group must be a torch.distributed"),
+    ],
+)
+def test_bad_settings_name_the_problem(
+    arguments: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        Settings.from_arguments(**arguments)
+
+
+def test_summary_shows_period_accumulation_and_what_is_off_default() -> None:
+    settings = Settings.from_arguments(period=8, comm_dtype=torch.float16, overlap_steps=2)
+    assert settings.summary() == [
+        "period=8",
+        "accumulation_steps=1",
+        "comm_dtype=torch.float16",
+        "overlap_steps=2",
+    ]
