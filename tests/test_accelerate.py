@@ -9,16 +9,13 @@ Accelerate's ``gradient_accumulation_steps`` 2, an averaging round is due every 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from typing import Any
 
 import pytest
 import torch
-from _common import ROOT, TEARDOWN_ABORT, launcher_env, mlp
+from _common import ROOT, mlp, sgd_wrapper, torchrun
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from local_sgd_optim import LocalSGDOptimizer
 from local_sgd_optim.accelerate import _ddp_wrappers_of, _keep_ddp_gradients_local
 
 PERIOD, ACCUMULATION, WINDOWS = 3, 2, 2
@@ -27,34 +24,12 @@ PERIOD, ACCUMULATION, WINDOWS = 3, 2, 2
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pytest.importorskip("accelerate")
-    env = launcher_env()  # multi-CPU mode, gloo
-
-    def launch() -> subprocess.CompletedProcess[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "tests" / "_accelerate_script.py"),
-            "--period",
-            str(PERIOD),
-            "--accumulation",
-            str(ACCUMULATION),
-            "--windows",
-            str(WINDOWS),
-            "--checkpoint-dir",
-            str(tmp_path_factory.mktemp("accelerate_checkpoint")),
-        ]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-
-    proc = launch()
-    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr and "RESULT " in proc.stdout:
-        # torch 2.14's gloo can abort a finished process at interpreter exit
-        # (pytorch/pytorch#179291); the script now leaves with os._exit, so this is a last
-        # resort, and one more run must then exit cleanly.
-        proc = launch()
+    args = ["--period", str(PERIOD), "--accumulation", str(ACCUMULATION)]
+    args += ["--windows", str(WINDOWS)]
+    args += ["--checkpoint-dir", str(tmp_path_factory.mktemp("accelerate_checkpoint"))]
+    # Multi-CPU mode, gloo. The script leaves with os._exit, so torchrun's one retry after a gloo
+    # abort at exit (pytorch/pytorch#179291) is a last resort, and that run must exit cleanly.
+    proc = torchrun(ROOT / "tests" / "_accelerate_script.py", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout + proc.stderr
@@ -168,7 +143,7 @@ def test_keeps_gradients_local_once_and_refuses_a_foreign_hook(single_rank_group
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     inner = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(inner.parameters(), lr=0.1), inner, period=2)
+    opt = sgd_wrapper(inner, period=2)
     ddp = DDP(inner)
     _keep_ddp_gradients_local(opt, ddp)
     _keep_ddp_gradients_local(opt, ddp)  # a second call (or one after the optimizer's): no-op

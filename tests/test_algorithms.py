@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
+from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip, sgd_wrapper, train
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from local_sgd_optim import LocalSGDOptimizer
@@ -21,12 +21,8 @@ def _warmup(wrap_ddp: bool, accumulation: int) -> dict[str, Any]:
     """Warm-up steps against DDP proper; then local steps, which must differ across ranks."""
     model = mlp(seed=rank() + 1)  # differently seeded: the initial broadcast aligns them
     ours_model = DDP(model) if wrap_ddp else model
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        ours_model,
-        period=4,
-        warmup_steps=3,
-        accumulation_steps=accumulation,
+    opt = sgd_wrapper(
+        ours_model, period=4, momentum=0.9, warmup_steps=3, accumulation_steps=accumulation
     )
     reference_inner = mlp(seed=1)
     reference = DDP(reference_inner)
@@ -62,16 +58,8 @@ def _outer_identity() -> dict[str, Any]:
     results = {}
     for name, outer in (("plain", None), ("outer", lambda ps: torch.optim.SGD(ps, lr=1.0))):
         model = mlp(seed=2)
-        opt = LocalSGDOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-            model,
-            period=3,
-            outer_optimizer=outer,
-        )
-        for i in range(9):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
+        opt = sgd_wrapper(model, period=3, momentum=0.9, outer_optimizer=outer)
+        train(model, opt, 9)
         results[name] = flat_params(model)
     return results
 
@@ -98,10 +86,8 @@ def _outer_nesterov(steps: int, save_at: int | None) -> dict[str, Any]:
             model, opt = make(123)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
-        loss_of(model, rank(), i).backward()
         before = opt.averaging_rounds
-        opt.step()
-        opt.zero_grad()
+        train(model, opt, 1, start=i)
         if opt.averaging_rounds > before:
             rounds_at.append(opt.optimizer_steps)
     return {"params": flat_params(model), "rounds_at": rounds_at}
@@ -118,10 +104,10 @@ def _overlapped_outer(
         outer = None
         if outer_lr:
             outer = lambda ps: torch.optim.SGD(ps, lr=outer_lr, momentum=momentum)  # noqa: E731
-        opt = LocalSGDOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        opt = sgd_wrapper(
             model,
             period=4,
+            momentum=0.9,
             overlap_steps=2,
             comm_dtype=comm_dtype,
             outer_optimizer=outer,
@@ -137,9 +123,7 @@ def _overlapped_outer(
             model, opt = make(99)
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["opt"])
-        loss_of(model, rank(), i).backward()
-        opt.step()
-        opt.zero_grad()
+        train(model, opt, 1, start=i)
     opt.close()
     return {"params": torch.cat([flat_params(model), model[1].running_mean])}
 
@@ -162,10 +146,7 @@ def _overlapped_outer_step_by_hand(alpha: float) -> dict[str, Any]:
     base.register_step_post_hook(
         lambda *_: after_base_step.__setitem__(opt.optimizer_steps + 1, flat_params(model))
     )
-    for i in range(6):
-        loss_of(model, rank(), i).backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, opt, 6)
     mean = after_base_step[4].clone()
     dist.all_reduce(mean)
     mean /= dist.get_world_size()
@@ -176,18 +157,10 @@ def _overlapped_outer_step_by_hand(alpha: float) -> dict[str, Any]:
 def _two_level() -> dict[str, Any]:
     local, _ = dist.new_subgroups(group_size=2)
     model = mlp(seed=rank())
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=6,
-        local_period=2,
-        local_group=local,
-    )
+    opt = sgd_wrapper(model, period=6, local_period=2, local_group=local)
     trace = []
     for i in range(7):
-        loss_of(model, rank(), i).backward()
-        opt.step()
-        opt.zero_grad()
+        train(model, opt, 1, start=i)
         trace.append((flat_params(model), opt.local_rounds, opt.averaging_rounds))
     return {"trace": trace}
 
@@ -209,17 +182,8 @@ def _bad_subgroups() -> tuple[str, str]:
 
 def _schedule_returning_zero() -> tuple[str, str]:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=lambda step: 2 if step < 2 else 0
-    )
-
-    def train() -> None:
-        for i in range(4):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
-
-    return raised(train)
+    opt = sgd_wrapper(model, period=lambda step: 2 if step < 2 else 0)
+    return raised(train, model, opt, 4)
 
 
 def _quadratic_sync_rounds() -> list[int]:
@@ -229,10 +193,8 @@ def _quadratic_sync_rounds() -> list[int]:
     opt = LocalSGDOptimizer(base, model, period=QuadraticSyncPeriod(base, 2, growth=0.05))
     rounds_at = []
     for i in range(20):
-        loss_of(model, rank(), i).backward()
         before = opt.averaging_rounds
-        opt.step()
-        opt.zero_grad()
+        train(model, opt, 1, start=i)
         scheduler.step()
         if opt.averaging_rounds > before:
             rounds_at.append(opt.optimizer_steps)
@@ -266,20 +228,13 @@ def test_outer_sgd_with_lr_one_is_plain_averaging(ranks: Any) -> None:
 def test_outer_optimizer_on_one_rank_is_lookahead() -> None:
     model = mlp(seed=4)
     lookahead = 0.5
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=3,
-        outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=lookahead),
-    )
+    opt = sgd_wrapper(model, period=3, outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=lookahead))
     reference = mlp(seed=4)
     fast = torch.optim.SGD(reference.parameters(), lr=0.1)
     slow = [p.detach().clone() for p in reference.parameters()]
     for i in range(9):
-        for m, o in ((model, opt), (reference, fast)):
-            loss_of(m, 0, i).backward()
-            o.step()
-            o.zero_grad()
+        train(model, opt, 1, start=i)
+        train(reference, fast, 1, start=i)
         if (i + 1) % 3 == 0:  # Lookahead (Zhang et al., arXiv 1907.08610): slow += a (fast - slow)
             with torch.no_grad():
                 for s, p in zip(slow, reference.parameters()):
@@ -362,7 +317,7 @@ def test_rejects_bad_algorithm_settings(
 ) -> None:
     model = mlp()
     with pytest.raises(error, match=message):
-        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4, **kwargs)
+        sgd_wrapper(model, period=4, **kwargs)
 
 
 def test_schedules_reject_bad_input_and_compute_periods() -> None:
@@ -384,7 +339,7 @@ def test_schedules_reject_bad_input_and_compute_periods() -> None:
 def test_load_state_dict_refuses_a_checkpoint_of_another_algorithm() -> None:
     def make(**kwargs: Any) -> LocalSGDOptimizer:
         model = mlp()
-        return LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, 4, **kwargs)
+        return sgd_wrapper(model, 4, **kwargs)
 
     outer = {"outer_optimizer": lambda ps: torch.optim.SGD(ps, lr=0.5)}
     with_outer = roundtrip(make(**outer).state_dict())
@@ -429,16 +384,8 @@ def test_overlapped_outer_step_follows_the_formula(ranks: Any) -> None:
 
 def test_a_schedule_combines_with_overlap_and_each_period_is_checked() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=lambda step: 4 if step < 4 else 1,
-        overlap_steps=2,
-    )
-    for i in range(3):
-        loss_of(model, 0, i).backward()
-        opt.step()
-        opt.zero_grad()
+    opt = sgd_wrapper(model, period=lambda step: 4 if step < 4 else 1, overlap_steps=2)
+    train(model, opt, 3)
     assert opt.next_round_step == 4
     loss_of(model, 0, 3).backward()
     with pytest.raises(ValueError, match="returned 1 at optimizer step 4, not more than overlap"):

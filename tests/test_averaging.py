@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from _common import bn_net, flat_params, loss_of, rank, roundtrip
+from _common import bn_net, flat_params, rank, roundtrip, sgd_wrapper, train
 from torch import Tensor
 
 from local_sgd_optim import LocalSGDOptimizer
@@ -99,10 +99,10 @@ def _train(
     close: bool = True,
 ) -> dict[str, Any]:
     model = bn_net(seed=rank())
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+    opt = sgd_wrapper(
         model,
         period=period,
+        momentum=0.9,
         overlap_steps=overlap_steps,
         comm_dtype=comm_dtype,
         accumulation_steps=accumulation,
@@ -149,35 +149,24 @@ def _resume_with_round_in_flight(comm_dtype: torch.dtype | None) -> dict[str, An
 
     def make(seed: int) -> tuple[Any, LocalSGDOptimizer]:
         model = bn_net(seed=seed)
-        opt = LocalSGDOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-            model,
-            period=4,
-            overlap_steps=2,
-            comm_dtype=comm_dtype,
-            bucket_cap_mb=KIB,
+        opt = sgd_wrapper(
+            model, period=4, momentum=0.9, overlap_steps=2, comm_dtype=comm_dtype, bucket_cap_mb=KIB
         )
         return model, opt
 
-    def train(model: Any, opt: LocalSGDOptimizer, start: int, stop: int) -> None:
-        for i in range(start, stop):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
-
     model, opt = make(0)
-    train(model, opt, 0, 13)
+    train(model, opt, 13)
     opt.close()
     straight = torch.cat([flat_params(model), model[1].running_mean])
 
     model, opt = make(0)
-    train(model, opt, 0, 9)  # the round of step 8 lands at step 10
+    train(model, opt, 9)  # the round of step 8 lands at step 10
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     in_flight = saved["opt"]["local_sgd"]["pending"] is not None
     model, opt = make(123)
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    train(model, opt, 9, 13)
+    train(model, opt, 4, start=9)
     opt.close()
     resumed = torch.cat([flat_params(model), model[1].running_mean])
     return {"straight": straight, "resumed": resumed, "in_flight": in_flight}

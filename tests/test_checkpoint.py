@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from _common import batch, flat_params, launcher_env, loss_of, mlp, raised, rank, roundtrip
+from _common import (
+    batch,
+    flat_params,
+    launcher_env,
+    mlp,
+    raised,
+    rank,
+    roundtrip,
+    sgd_wrapper,
+    train,
+)
 from torch import nn
 
 from local_sgd_optim import LocalSGDOptimizer, checkpoint
@@ -382,19 +392,9 @@ def test_load_on_another_world_size_raises_unless_asked_to_reshard(tmp_path: Pat
 # --- several ranks: save on 4, resume on 2 with reshard, then on 4 again ------------------
 
 
-def _train(model: nn.Module, opt: LocalSGDOptimizer, steps: range) -> None:
-    for step in steps:
-        loss_of(model, rank(), step).backward()
-        opt.step()
-        opt.zero_grad()
-
-
 def _build() -> tuple[nn.Module, LocalSGDOptimizer]:
     model = mlp(seed=0)
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, period=3
-    )
-    return model, opt
+    return model, sgd_wrapper(model, period=3, momentum=0.9)
 
 
 def _save_state(model: nn.Module, opt: LocalSGDOptimizer) -> dict[str, Any]:
@@ -404,7 +404,7 @@ def _save_state(model: nn.Module, opt: LocalSGDOptimizer) -> dict[str, Any]:
 def _first_run(directory: str) -> dict[str, Any]:
     """Train 5 steps (a round at 3; steps 4 and 5 local, so ranks differ), then save."""
     model, opt = _build()
-    _train(model, opt, range(5))
+    train(model, opt, 5)
     checkpoint.save(directory, opt.optimizer_steps, _save_state(model, opt))
     momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     return {"params": flat_params(model), "momentum": momentum}
@@ -429,7 +429,7 @@ def _resume(directory: str, steps: int) -> dict[str, Any]:
         "epoch": state["epoch"],
     }
     start = opt.optimizer_steps
-    _train(model, opt, range(start, start + steps))
+    train(model, opt, steps, start)
     checkpoint.save(directory, opt.optimizer_steps, _save_state(model, opt))
     return {
         "refused": refused,

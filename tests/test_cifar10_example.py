@@ -20,6 +20,7 @@ import torch
 from _common import ROOT, TEARDOWN_ABORT, launcher_env
 
 SCRIPT = ROOT / "examples" / "cifar10.py"
+DDP_SCRIPT = ROOT / "benchmarks" / "cifar10_ddp.py"  # the same training with DDP: the baseline
 
 # A narrow ResNet-18 on 512 synthetic images: 16 images x 2 accumulation steps x 2 ranks, so
 # 8 optimizer steps (16 micro-batches) per epoch and 24 in all.
@@ -32,10 +33,12 @@ COMMON = [
 STOP = 11  # inside epoch 2, 3 optimizer steps (6 micro-batches) in, and between two rounds
 
 
-def _run(args: list[str], nproc: int | None = 2) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: list[str], nproc: int | None = 2, script: Path = SCRIPT
+) -> subprocess.CompletedProcess[str]:
     """The example under torchrun on ``nproc`` processes (or plain python when None)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = [sys.executable, *(launcher if nproc else []), str(SCRIPT), *args]
+    cmd = [sys.executable, *(launcher if nproc else []), str(script), *args]
     out_dir = Path(args[args.index("--out-dir") + 1])
     snapshot = out_dir.with_name(out_dir.name + ".before")
     if out_dir.exists():
@@ -82,7 +85,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     (part / "checkpoints" / "step-00000099" / "rank0.pt").write_bytes(b"truncated")
     out["resume_proc"] = _run([*COMMON, "--out-dir", str(part), "--resume"])
     out["ddp"] = ddp = tmp / "ddp"
-    out["ddp_proc"] = _run([*COMMON, "--mode", "ddp", "--out-dir", str(ddp), "--max-steps", "8"])
+    out["ddp_proc"] = _run([*COMMON, "--out-dir", str(ddp), "--max-steps", "8"], script=DDP_SCRIPT)
     yield out
 
 
@@ -240,3 +243,57 @@ def test_plot_metrics(runs: dict[str, Any], tmp_path: Path) -> None:
     image = matplotlib.image.imread(output)
     assert image.shape[:2] == (420, 1100)  # figsize (11, 4.2) at 100 dpi
     assert (image[..., :3] < 0.5).any() and image[..., :3].std() > 0.05  # drawn, not blank
+
+
+def _import(folder: str, name: str) -> Any:
+    """``examples/cifar10.py`` or ``benchmarks/cifar10_ddp.py``, imported as a module."""
+    sys.path.insert(0, str(ROOT / folder))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / folder))
+
+
+def test_help_shows_the_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # one line per flag
+    for script, out_dir in [
+        (_import("examples", "cifar10"), "runs/cifar10-local-sgd"),
+        (_import("benchmarks", "cifar10_ddp"), "runs/cifar10-ddp"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(["--help"])
+        assert exit_info.value.code == 0
+        text = capsys.readouterr().out
+        expected = [
+            r"--period PERIOD\s+optimizer steps between averaging rounds \(default: 8\)",
+            r"--lr LR\s+peak learning rate per 128 images .* \(default: 0\.1\)",
+            r"--batch-size BATCH_SIZE\s+micro-batch size per rank \(default: 128\)",
+            r"--comm-dtype \{fp32,bf16,fp16\}\s+precision of the averaged .* \(default: fp32\)",
+            rf"--out-dir OUT_DIR\s+where metrics\.jsonl and .* \(default: {out_dir}\)",
+            r"--workers WORKERS\s+data-loading .* \(default: 4 with CUDA, else 0\)",
+            r"--checkpoint-dir CHECKPOINT_DIR\s+where .* \(default: OUT_DIR/checkpoints\)",
+        ]
+        for pattern in expected:
+            assert re.search(pattern, text), (pattern, text)
+        # Flags and defaults computed at run time show no "(default: None)" or "(default: True)".
+        assert "(default: None)" not in text and "(default: True)" not in text
+
+
+def test_refused_options_exit_with_a_message(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cifar10 = _import("examples", "cifar10")
+    small = ["--data", "synthetic", "--synthetic-size", "64", "--width", "4", "--batch-size", "8"]
+    small += ["--out-dir", str(tmp_path)]
+    # Refused by the command line ...
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.main([*small, "--period", "4", "--overlap-steps", "4"])
+    assert exit_info.value.code == 2
+    assert "--overlap-steps must be at least 0 and less than --period" in capsys.readouterr().err
+    # ... and by the library, whose message the script passes on, with no traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.main([*small, "--period", "4", "--overlap-steps", "1", "--local-period", "2"])
+    message = str(exit_info.value.code)
+    assert message.startswith("invalid Local SGD options: ") and "local_period" in message

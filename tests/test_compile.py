@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _common import bn_net, loss_of, rank
+from _common import bn_net, rank, sgd_wrapper, train
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-
-from local_sgd_optim import LocalSGDOptimizer
 
 PERIOD, STEPS = 3, 7  # rounds after steps 3 and 6; step 7 leaves the ranks apart
 # Compiled and eager kernels may round differently (fused or decomposed ops); measured here:
@@ -32,10 +30,6 @@ def _state(model: nn.Module) -> Tensor:
     """Parameters and floating-point buffers (BatchNorm statistics), one flat tensor."""
     tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
     return torch.cat([t.detach().reshape(-1).clone() for t in tensors])
-
-
-def _sgd(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
 def _compiled_vs_eager(backend: str, wrap: str) -> dict[str, Any]:
@@ -50,22 +44,20 @@ def _compiled_vs_eager(backend: str, wrap: str) -> dict[str, Any]:
     inner = bn_net(seed=rank() + 1)
     if wrap == "ddp":
         ddp = DDP(inner)
-        opt = LocalSGDOptimizer(_sgd(ddp), ddp, period=PERIOD)
+        opt = sgd_wrapper(ddp, PERIOD, momentum=0.9)
         compiled = torch.compile(ddp, backend=backend)
     elif wrap == "compiled_ddp":
         compiled = torch.compile(DDP(inner), backend=backend)
-        opt = LocalSGDOptimizer(_sgd(compiled), compiled, period=PERIOD)
+        opt = sgd_wrapper(compiled, PERIOD, momentum=0.9)
     else:
         compiled = torch.compile(inner, backend=backend)
-        opt = LocalSGDOptimizer(_sgd(compiled), compiled, period=PERIOD)
-    reference = LocalSGDOptimizer(_sgd(eager), eager, period=PERIOD)
+        opt = sgd_wrapper(compiled, PERIOD, momentum=0.9)
+    reference = sgd_wrapper(eager, PERIOD, momentum=0.9)
     shares = all(a is b for a, b in zip(compiled.parameters(), inner.parameters()))
     trace = []
     for step in range(STEPS):
-        for model, optimizer in ((compiled, opt), (eager, reference)):
-            loss_of(model, rank(), step).backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        train(compiled, opt, 1, start=step)
+        train(eager, reference, 1, start=step)
         trace.append(
             {
                 "state": _state(inner),

@@ -8,7 +8,18 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _common import batch, bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
+from _common import (
+    batch,
+    bn_net,
+    flat_params,
+    loss_of,
+    mlp,
+    raised,
+    rank,
+    roundtrip,
+    sgd_wrapper,
+    train,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -19,16 +30,12 @@ from local_sgd_optim import LocalSGDOptimizer
 
 def _period_one_vs_ddp(steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     ours_model, ddp_inner = mlp(seed=1), mlp(seed=1)
-    ours = LocalSGDOptimizer(torch.optim.SGD(ours_model.parameters(), lr=0.2), ours_model, period=1)
+    ours = sgd_wrapper(ours_model, period=1, lr=0.2)
     ddp = DDP(ddp_inner)
     ddp_opt = torch.optim.SGD(ddp.parameters(), lr=0.2)
     for step in range(steps):
-        loss_of(ours_model, rank(), step).backward()
-        ours.step()
-        ours.zero_grad()
-        loss_of(ddp, rank(), step).backward()
-        ddp_opt.step()
-        ddp_opt.zero_grad()
+        train(ours_model, ours, 1, start=step)
+        train(ddp, ddp_opt, 1, start=step)
     return flat_params(ours_model), flat_params(ddp_inner)
 
 
@@ -60,16 +67,9 @@ def _trace_rounds(period: int, accumulation: int, micro_steps: int) -> dict[str,
 
 def _buffers(average_buffers: bool) -> dict[str, Any]:
     model = bn_net(seed=rank())
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=2,
-        average_buffers=average_buffers,
-    )
+    opt = sgd_wrapper(model, period=2, average_buffers=average_buffers)
     bn = model[1]
-    loss_of(model, rank(), 0).backward()
-    opt.step()
-    opt.zero_grad()
+    train(model, opt, 1)
     if rank() == 1:
         model(batch(1, 99)[0])  # an extra forward: num_batches_tracked now differs
     loss_of(model, rank(), 1).backward()
@@ -86,26 +86,19 @@ def _buffers(average_buffers: bool) -> dict[str, Any]:
 def _straight_vs_resumed(accumulation: int) -> tuple[torch.Tensor, torch.Tensor]:
     def make(seed: int) -> tuple[nn.Module, LocalSGDOptimizer]:
         model = bn_net(seed)
-        base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        return model, LocalSGDOptimizer(base, model, period=3, accumulation_steps=accumulation)
-
-    def train(model: nn.Module, opt: LocalSGDOptimizer, start: int, stop: int) -> None:
-        for i in range(start * accumulation, stop * accumulation):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
+        return model, sgd_wrapper(model, period=3, momentum=0.9, accumulation_steps=accumulation)
 
     model, opt = make(seed=0)
-    train(model, opt, 0, 8)
+    train(model, opt, 8 * accumulation)
     straight = torch.cat([flat_params(model), model[1].running_mean])
 
     model, opt = make(seed=0)
-    train(model, opt, 0, 4)
+    train(model, opt, 4 * accumulation)
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     model, opt = make(seed=123)  # a fresh start: different initial values everywhere
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["opt"])
-    train(model, opt, 4, 8)
+    train(model, opt, 4 * accumulation, start=4 * accumulation)
     resumed = torch.cat([flat_params(model), model[1].running_mean])
     return straight, resumed
 
@@ -117,12 +110,7 @@ def _ddp_keeps_gradients_local(style: str) -> dict[str, Any]:
     flags = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
     wrapped = DDP(bn_net(seed=5), **(flags if style == "flags" else {}))
     opts = [
-        LocalSGDOptimizer(
-            torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-            m,
-            period=4,
-            accumulation_steps=accumulation,
-        )
+        sgd_wrapper(m, period=4, momentum=0.9, accumulation_steps=accumulation)
         for m in (plain, wrapped)
     ]
     same_as_plain = []
@@ -182,7 +170,7 @@ _allreduce_hook.__annotations__ = {}
 def _add_param_group_and_unfreeze() -> dict[str, Any]:
     model = mlp(seed=rank())
     model[0].weight.requires_grad_(False)  # frozen, yet held by the optimizer as is common
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    opt = sgd_wrapper(model, period=2)
     initial = flat_params(model)
     with torch.no_grad():
         model[0].weight.add_(rank())  # the frozen copies now differ across ranks
@@ -191,20 +179,20 @@ def _add_param_group_and_unfreeze() -> dict[str, Any]:
     opt.add_param_group({"params": [extra], "lr": 0.5})
     extra_after_add = extra.detach().clone()
 
-    def train(start: int) -> None:
+    def two_steps(start: int) -> None:
         for i in range(start, start + 2):
             (loss_of(model, rank(), i) + (extra * (rank() + 1)).sum()).backward()
             opt.step()
             opt.zero_grad()
 
-    train(0)
+    two_steps(0)
     after_first_round = {
         "frozen": model[0].weight.detach().clone(),
         "extra": extra.detach().clone(),
         "head": flat_params(model[2]),
     }
     model[0].weight.requires_grad_(True)  # unfrozen: joins the next round
-    train(2)
+    two_steps(2)
     return {
         "initial": initial,
         "extra_after_add": extra_after_add,
@@ -218,20 +206,13 @@ def _exception_inside_with() -> dict[str, Any]:
     """Rank 1 fails inside ``with``; rank 0 never calls close(). Had rank 1's exit run a final
     round, it would wait for a partner that never comes and fail with a gloo error instead."""
     model = mlp(seed=rank())
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
-
-    def train() -> None:
-        for i in range(3):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
-
+    opt = sgd_wrapper(model, period=4)
     if rank() == 0:
-        train()
+        train(model, opt, 3)
         return {"raised": False, "rounds": opt.averaging_rounds}
     try:
         with opt:
-            train()
+            train(model, opt, 3)
             raise KeyError("only rank 1 fails")
     except KeyError:
         return {"raised": True, "rounds": opt.averaging_rounds}
@@ -239,9 +220,7 @@ def _exception_inside_with() -> dict[str, Any]:
 
 def _broadcast_initial(flag: bool) -> torch.Tensor:
     model = mlp(seed=rank())
-    LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=2, broadcast_initial=flag
-    )
+    sgd_wrapper(model, period=2, broadcast_initial=flag)
     return flat_params(model)
 
 
@@ -394,18 +373,15 @@ def _load_order(model_first: bool) -> list[str]:
     import warnings
 
     model = mlp(seed=rank())
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
-    for i in range(2):
-        loss_of(model, rank(), i).backward()
-        opt.step()
-        opt.zero_grad()
+    opt = sgd_wrapper(model, period=4)
+    train(model, opt, 2)
     saved = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     fresh = mlp(seed=rank() + 10)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if model_first:
             fresh.load_state_dict(saved["model"])
-        fresh_opt = LocalSGDOptimizer(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, period=4)
+        fresh_opt = sgd_wrapper(fresh, period=4)
         if not model_first:
             fresh.load_state_dict(saved["model"])
         fresh_opt.load_state_dict(saved["opt"])
@@ -431,7 +407,7 @@ class _Mixed(nn.Module):
 
 def _mixed_dtypes() -> dict[str, Any]:
     model = _Mixed()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=1)
+    opt = sgd_wrapper(model, period=1)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(rank() + 1)
@@ -484,7 +460,7 @@ def _gradient_sets_differ() -> dict[str, Any]:
     such ranks with a size mismatch; every trainable parameter must be averaged regardless."""
     torch.manual_seed(rank())
     model = _TwoHeads()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    opt = sgd_wrapper(model, period=2)
     for i in range(2):
         x, y = batch(rank(), i)
         nn.functional.cross_entropy(model(x, use_b=rank() == 1), y).backward()

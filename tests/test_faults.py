@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _common import ROOT, TEARDOWN_ABORT, launcher_env
+from _common import ROOT, TEARDOWN_ABORT, Launched, launcher_env, torchrun, torchrun_command
 
 SCRIPT = ROOT / "tests" / "_fault_script.py"
 # 28 steps, a round every 4 started in the background and applied 1 step later, 16-bit deltas,
@@ -36,10 +36,6 @@ def _env(**extra: str) -> dict[str, str]:
     return launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **extra)
 
 
-def _torchrun(*launcher: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", *launcher, str(SCRIPT)]
-
-
 def _results(stdout: str) -> dict[int, dict[str, Any]]:
     """Each rank's ``RESULT`` line (the ranks share stdout: a line may hold two ranks' output)."""
     found = {}
@@ -54,31 +50,28 @@ def _params(results_dir: Path, rank: int) -> list[float]:
     return params
 
 
-def _run_to_completion(cmd: list[str], env: dict[str, str], ranks: int) -> tuple[Any, float]:
-    """Run; once more if torch 2.14's gloo aborted a finished process at exit (#179291)."""
-    for attempt in range(2):
-        began = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-        seconds = time.monotonic() - began
-        finished = len(_results(proc.stdout)) == ranks
-        if proc.returncode == 0 or not (finished and TEARDOWN_ABORT in proc.stderr) or attempt:
-            return proc, seconds
-        # A retry must start from nothing: the caller's checkpoint directory is reused.
-        for arg in cmd:
-            if arg.endswith("-ckpt"):
-                shutil.rmtree(arg, ignore_errors=True)
-    raise AssertionError("unreachable")
+def _run(directory: Path, *args: str, restarts: int = 0) -> Launched:
+    """The training run under torchrun on 2 processes, checkpointing to ``directory``; once more
+    (from nothing) if torch 2.14's gloo aborted a process at exit after both ranks finished."""
+    return torchrun(
+        SCRIPT,
+        *("--checkpoint-dir", str(directory), "--results-dir", f"{directory}/results"),
+        *TRAINING,
+        *args,
+        launcher_args=("--standalone", "--max-restarts", str(restarts)),
+        env=_env(),
+        finished=lambda stdout: len(_results(stdout)) == 2,
+        before_retry=lambda: shutil.rmtree(directory, ignore_errors=True),
+    )
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     """The uninterrupted run on 2 local processes."""
     directory = tmp_path_factory.mktemp("reference") / "run-ckpt"
-    cmd = _torchrun("--standalone", "--nproc_per_node", "2")
-    cmd += ["--checkpoint-dir", str(directory), "--results-dir", f"{directory}/results", *TRAINING]
-    proc, seconds = _run_to_completion(cmd, _env(), ranks=2)
+    proc = _run(directory)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    print(f"uninterrupted run: {seconds:.1f} s")
+    print(f"uninterrupted run: {proc.seconds:.1f} s")
     results = _results(proc.stdout)
     assert results[0]["sha256"] == results[1]["sha256"]  # the final round makes them equal
     assert results[0]["optimizer_steps"] == 28 and results[0]["start"] == 0
@@ -91,13 +84,11 @@ def test_a_killed_rank_restarts_from_its_checkpoint_bitwise(
     reference: dict[int, dict[str, Any]], tmp_path: Path
 ) -> None:
     directory = tmp_path / "run-ckpt"
-    cmd = _torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "1")
-    cmd += ["--checkpoint-dir", str(directory), "--results-dir", f"{directory}/results", *TRAINING]
-    cmd += ["--die-at-step", "22", "--die-rank", "1", "--die-how", "kill"]
-    proc, seconds = _run_to_completion(cmd, _env(), ranks=2)
+    die = ["--die-at-step", "22", "--die-rank", "1", "--die-how", "kill"]
+    proc = _run(directory, *die, restarts=1)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output
-    print(f"run with one SIGKILL and a restart: {seconds:.1f} s")
+    print(f"run with one SIGKILL and a restart: {proc.seconds:.1f} s")
     assert re.search(r"DYING rank=1 step=22 ", proc.stdout), output
     for rank in (0, 1):  # the restarted attempt resumed from the last complete checkpoint
         assert f"RESUMED rank={rank} step=20 from={directory}/step-00000020" in proc.stdout
@@ -175,10 +166,10 @@ def test_survivor_fails_within_the_timeout_when_a_peer_dies_or_hangs(
 
 def test_torchrun_ends_the_job_when_a_rank_exits(tmp_path: Path) -> None:
     """With ``--max-restarts 0`` the agent sees rank 1 exit and tears the group down."""
-    cmd = _torchrun("--standalone", "--nproc_per_node", "2", "--max-restarts", "0")
-    cmd += ["--checkpoint-dir", str(tmp_path / "ckpt"), "--pg-timeout", "20"]
-    cmd += ["--die-at-step", "6", "--die-rank", "1", "--die-how", "exit"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
+    args = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--pg-timeout", "20"]
+    args += ["--die-at-step", "6", "--die-rank", "1", "--die-how", "exit"]
+    launcher = ("--standalone", "--max-restarts", "0")
+    proc = torchrun(SCRIPT, *args, launcher_args=launcher, env=_env(), retries_on_teardown_abort=0)
     ended = time.time()
     took = ended - _time_of(r"DYING rank=1 step=6 pid=\d+", proc.stdout)
     print(f"rank exited under torchrun: job over {took:.2f} s later")
@@ -226,16 +217,11 @@ def test_two_hosts_over_a_veth_pair(reference: dict[int, dict[str, Any]], tmp_pa
 
         directory = tmp_path / "run-ckpt"  # one file system, as a shared one would be
         for node, (namespace, device, _) in enumerate(hosts):
+            launcher = ["--nnodes", "2", "--node_rank", str(node)]
+            launcher += ["--master_addr", "10.77.0.1", "--master_port", "29533"]
+            args = ["--checkpoint-dir", str(directory), "--results-dir", f"{directory}/results"]
             cmd = ["ip", "netns", "exec", namespace]
-            cmd += _torchrun("--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1")
-            cmd[-1:-1] = ["--master_addr", "10.77.0.1", "--master_port", "29533"]
-            cmd += [
-                "--checkpoint-dir",
-                str(directory),
-                "--results-dir",
-                f"{directory}/results",
-                *TRAINING,
-            ]
+            cmd += torchrun_command(SCRIPT, *args, *TRAINING, nproc=1, launcher_args=launcher)
             env = _env(GLOO_SOCKET_IFNAME=device)
             procs.append(
                 subprocess.Popen(

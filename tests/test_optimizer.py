@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from _common import flat_params, loss_of, mlp, roundtrip
+from _common import flat_params, loss_of, mlp, roundtrip, sgd_wrapper, train
 from torch import nn
 
 from local_sgd_optim import LocalSGDOptimizer
@@ -43,10 +43,8 @@ def _train_wrapped(
     opt = LocalSGDOptimizer(
         make_opt(model.parameters()), model, period=2, accumulation_steps=accumulation, **kwargs
     )
-    for i in range(steps * accumulation):
-        opt.zero_grad()  # every micro-batch, as many loops do: must not break accumulation
-        loss_of(model, 0, i).backward()
-        opt.step()
+    # zero_grad() every micro-batch, as many loops do: must not break accumulation.
+    train(model, opt, steps * accumulation, zero_grad_first=True)
     return flat_params(model), opt
 
 
@@ -86,14 +84,10 @@ def test_shares_base_optimizer_objects() -> None:
 
 def test_counters_and_accumulation_windows() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=3, accumulation_steps=2
-    )
+    opt = sgd_wrapper(model, period=3, accumulation_steps=2)
     seen = []
     for i in range(13):
-        loss_of(model, 0, i).backward()
-        opt.step()
-        opt.zero_grad()
+        train(model, opt, 1, start=i)
         seen.append((opt.micro_steps, opt.optimizer_steps, opt.averaging_rounds))
     assert seen[-1] == (13, 6, 2)
     assert [s[1] for s in seen] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
@@ -104,23 +98,19 @@ def test_counters_and_accumulation_windows() -> None:
 
 def test_zero_grad_clears_only_after_optimizer_step() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=1, accumulation_steps=2
-    )
+    opt = sgd_wrapper(model, period=1, accumulation_steps=2)
     loss_of(model, 0, 0).backward()
     first = model[0].weight.grad.clone()
     opt.step()
     opt.zero_grad()
     assert torch.equal(model[0].weight.grad, first), "zero_grad inside a window cleared grads"
-    loss_of(model, 0, 1).backward()
-    opt.step()
-    opt.zero_grad()
+    train(model, opt, 1, start=1)
     assert model[0].weight.grad is None
 
 
 def test_closure_returns_loss_and_is_rejected_with_accumulation() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=1)
+    opt = sgd_wrapper(model, period=1)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -132,9 +122,7 @@ def test_closure_returns_loss_and_is_rejected_with_accumulation() -> None:
     assert isinstance(loss, torch.Tensor) and loss.item() > 0
     lbfgs = LocalSGDOptimizer(torch.optim.LBFGS(model.parameters(), max_iter=3), model, period=1)
     assert lbfgs.step(closure) is not None
-    accumulating = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=1, accumulation_steps=2
-    )
+    accumulating = sgd_wrapper(model, period=1, accumulation_steps=2)
     with pytest.raises(ValueError, match="closure cannot be combined with accumulation_steps"):
         accumulating.step(closure)
 
@@ -154,20 +142,14 @@ def test_schedulers_drive_the_base_optimizer(name: str) -> None:
     make = _schedulers()[name]
     ref_model, model = mlp(), mlp()
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1, momentum=0.9)
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, period=2
-    )
+    opt = sgd_wrapper(model, period=2, momentum=0.9)
     ref_sched, sched = make(ref_opt), make(opt)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. "scheduler.step() before optimizer.step()"
         for i in range(8):
-            loss_of(ref_model, 0, i).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            train(ref_model, ref_opt, 1, start=i)
             ref_sched.step()
-            loss_of(model, 0, i).backward()
-            opt.step()
-            opt.zero_grad()
+            train(model, opt, 1, start=i)
             sched.step()
             assert opt.base_optimizer.param_groups[0]["lr"] == ref_opt.param_groups[0]["lr"]
             assert (
@@ -185,10 +167,7 @@ def test_step_hooks_fire() -> None:
     opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
     base.register_step_post_hook(lambda o, a, k: calls.append("base"))
-    for i in range(4):
-        loss_of(model, 0, i).backward()
-        opt.step()
-        opt.zero_grad()
+    train(model, opt, 4)
     assert calls == ["pre", "post", "pre", "base", "post"] * 2
 
 
@@ -206,28 +185,15 @@ def test_add_param_group_reaches_base_optimizer() -> None:
 
 def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        model,
-        period=3,
-        accumulation_steps=2,
-    )
-    for i in range(11):
-        loss_of(model, 0, i).backward()
-        opt.step()
-        opt.zero_grad()
+    opt = sgd_wrapper(model, period=3, momentum=0.9, accumulation_steps=2)
+    train(model, opt, 11)
     state = roundtrip(opt.state_dict())
     assert state["local_sgd"]["micro_steps"] == 11
     assert state["local_sgd"]["optimizer_steps"] == 5
     assert state["local_sgd"]["averaging_rounds"] == 1
     assert state["local_sgd"]["period"] == 3
 
-    fresh = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        model,
-        period=3,
-        accumulation_steps=2,
-    )
+    fresh = sgd_wrapper(model, period=3, momentum=0.9, accumulation_steps=2)
     fresh.load_state_dict(state)
     assert (fresh.micro_steps, fresh.optimizer_steps, fresh.averaging_rounds) == (11, 5, 1)
     for p in model.parameters():
@@ -252,7 +218,7 @@ def test_state_dict_roundtrip_and_plain_checkpoint() -> None:
 )
 def test_load_state_dict_rejects_corrupted_counters(corrupt: dict[str, Any], message: str) -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    opt = sgd_wrapper(model, period=2)
     state = opt.state_dict()
     state["local_sgd"].update(corrupt)
     with pytest.raises(ValueError, match=message):
@@ -262,25 +228,22 @@ def test_load_state_dict_rejects_corrupted_counters(corrupt: dict[str, Any], mes
 
 def test_close_and_context_manager() -> None:
     model = mlp()
-    with LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4) as opt:
-        for i in range(5):
-            loss_of(model, 0, i).backward()
-            opt.step()
-            opt.zero_grad()
+    with sgd_wrapper(model, period=4) as opt:
+        train(model, opt, 5)
     assert opt.averaging_rounds == 2  # the round at step 4 and the final one at close
     opt.close()  # idempotent
     assert opt.averaging_rounds == 2
     with pytest.raises(RuntimeError, match="step\\(\\) after close\\(\\)"):
         opt.step()
 
-    exact = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=2)
+    exact = sgd_wrapper(model, period=2)
     for i in range(2):
         loss_of(model, 0, i).backward()
         exact.step()
     exact.close()
     assert exact.averaging_rounds == 1, "close() right after a round must not average again"
 
-    failing = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    failing = sgd_wrapper(model, period=4)
     with pytest.raises(KeyError), failing:
         loss_of(model, 0, 0).backward()
         failing.step()
@@ -294,7 +257,7 @@ def test_rejects_bad_integers(name: str, value: Any) -> None:
     model = mlp()
     kwargs = {"period": 2, name: value}
     with pytest.raises(ValueError, match=f"{name} must be a positive integer, got {value!r}"):
-        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, **kwargs)
+        sgd_wrapper(model, **kwargs)
 
 
 def test_rejects_bad_types_and_foreign_parameters() -> None:
@@ -319,12 +282,7 @@ def test_rejects_bad_types_and_foreign_parameters() -> None:
 def test_accepts_numpy_integers() -> None:
     np = pytest.importorskip("numpy")
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=np.int64(4),
-        accumulation_steps=np.int32(2),
-    )
+    opt = sgd_wrapper(model, period=np.int64(4), accumulation_steps=np.int32(2))
     assert (opt.period, opt.accumulation_steps) == (4, 2)
     assert type(opt.period) is int
 
@@ -348,7 +306,7 @@ def test_rejects_bad_communication_settings(
 ) -> None:
     model = mlp()
     with pytest.raises(error, match=message):
-        LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4, **kwargs)
+        sgd_wrapper(model, period=4, **kwargs)
 
 
 @pytest.mark.parametrize(
@@ -376,7 +334,7 @@ def test_communication_settings_change_nothing_on_one_rank(
 
 def test_loads_a_version_one_checkpoint_with_default_communication_settings() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    opt = sgd_wrapper(model, period=4)
     old = opt.state_dict()
     for key in ("bucket_cap_mb", "comm_dtype", "overlap_steps", "on_nonfinite", "stats"):
         del old["local_sgd"][key]
@@ -397,11 +355,8 @@ def test_logs_settings_once_at_info_and_never_prints(
 ) -> None:
     model = mlp()
     with caplog.at_level(logging.INFO, logger="local_sgd_optim"):
-        opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
-        for i in range(8):
-            loss_of(model, 0, i).backward()
-            opt.step()
-            opt.zero_grad()
+        opt = sgd_wrapper(model, period=4)
+        train(model, opt, 8)
     [record] = caplog.records
     assert record.name == "local_sgd_optim" and record.levelno == logging.INFO
     assert "period=4, accumulation_steps=1, world_size=1" in record.getMessage()

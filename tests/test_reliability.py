@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip
+from _common import bn_net, flat_params, loss_of, mlp, raised, rank, roundtrip, sgd_wrapper, train
 
 from local_sgd_optim import LocalSGDOptimizer, RoundError
 
@@ -20,9 +20,7 @@ def _grad_scaler(unscale_first: bool) -> dict[str, Any]:
     """Rank 1's gradients overflow at step 2; a base optimizer under its own scaler is the
     reference for what one rank's numbers must be before the first round."""
     model, reference_model = mlp(seed=3), mlp(seed=3)
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model, period=4
-    )
+    opt = sgd_wrapper(model, period=4, momentum=0.9)
     reference = torch.optim.SGD(reference_model.parameters(), lr=0.1, momentum=0.9)
     scaler, reference_scaler = (torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in "ab")
     history = []
@@ -100,20 +98,13 @@ def _nonfinite(
 def _out_of_step() -> tuple[str, str]:
     """Rank 1 resumes from an older checkpoint than rank 0: its counters lag by one period."""
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    opt = sgd_wrapper(model, period=4)
     state = opt.state_dict()
     steps = 8 if rank() == 0 else 4
     state["local_sgd"].update(optimizer_steps=steps, micro_steps=steps, next_round_step=steps + 4)
     opt.load_state_dict(state)
     before = flat_params(model)
-
-    def train() -> None:
-        for i in range(4):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
-
-    outcome = raised(train)
+    outcome = raised(train, model, opt, 4)
     # Both ranks raise at their first round, before any parameter changes hands.
     assert opt.optimizer_steps == (12 if rank() == 0 else 8)
     assert not torch.equal(before, flat_params(model))
@@ -122,27 +113,22 @@ def _out_of_step() -> tuple[str, str]:
 
 def _average_on_one_rank_only() -> tuple[str, str]:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    opt = sgd_wrapper(model, period=4)
 
-    def train() -> None:
+    def four_steps() -> None:
         for i in range(4):
-            loss_of(model, rank(), i).backward()
-            opt.step()
-            opt.zero_grad()
+            train(model, opt, 1, start=i)
             if i == 1 and rank() == 0:
                 opt.average()  # a stray synchronisation that rank 1 never makes
 
-    return raised(train)
+    return raised(four_steps)
 
 
 def _uneven_batches_at_close() -> dict[str, Any]:
     """Rank 1 gets one batch more than rank 0, as an uneven data split would give it."""
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
-    for i in range(4 + rank()):
-        loss_of(model, rank(), i).backward()
-        opt.step()
-        opt.zero_grad()
+    opt = sgd_wrapper(model, period=4)
+    train(model, opt, 4 + rank())
     before = flat_params(model)
     outcome = raised(opt.close)
     return {"error": outcome, "unchanged": torch.equal(before, flat_params(model))}
@@ -150,7 +136,7 @@ def _uneven_batches_at_close() -> dict[str, Any]:
 
 def _world_size_changed() -> tuple[str, str]:
     model = mlp()
-    opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, period=4)
+    opt = sgd_wrapper(model, period=4)
     state = roundtrip(opt.state_dict())
     state["local_sgd"]["world_size"] = 4
     return raised(opt.load_state_dict, state)
@@ -247,9 +233,7 @@ def test_an_optimizer_wrapped_twice_is_refused_on_every_rank(ranks: Any) -> None
 
 def test_grad_scaler_with_wrapper_accumulation_is_refused() -> None:
     model = mlp()
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1), model, period=2, accumulation_steps=2
-    )
+    opt = sgd_wrapper(model, period=2, accumulation_steps=2)
     scaler = torch.amp.GradScaler("cpu")
     scaler.scale(loss_of(model, 0, 0)).backward()
     with pytest.raises(ValueError, match=r"GradScaler cannot drive .* accumulation_steps > 1"):
