@@ -1,7 +1,8 @@
 """Plot test accuracy from ``examples/cifar10.py`` metrics files, one line per run.
 
 Two panels: test accuracy against epochs, and against the bytes each rank sent to all-reduces,
-so a Local SGD run and its ``--mode ddp`` baseline can be compared at a glance::
+so a Local SGD run and its DDP baseline (``benchmarks/cifar10_ddp.py``) can be compared at a
+glance::
 
     python examples/plot_metrics.py runs/cifar10-local-sgd/metrics.jsonl \
         runs/cifar10-ddp/metrics.jsonl --output comparison.png
@@ -62,7 +63,8 @@ def plot_metrics(
     """Draw every run's test accuracy against epochs and against megabytes communicated.
 
     Args:
-        paths (Sequence[Path]): metrics files written by ``examples/cifar10.py``.
+        paths (Sequence[Path]): metrics files written by ``examples/cifar10.py`` or
+            ``benchmarks/cifar10_ddp.py``.
         output (Path): the image to write (its suffix picks the format, e.g. ``.png``).
         labels (Sequence[str], optional): one legend entry per file (default: mode and period).
 

@@ -1,4 +1,5 @@
-"""``examples/cifar10.py`` run for real under torchrun on 2 CPU processes, and its plot.
+"""``examples/cifar10.py`` run for real under torchrun on 2 CPU processes, its DDP baseline
+(``benchmarks/cifar10_ddp.py``) and its plot.
 
 One interrupted run (stopped mid-epoch by ``--max-steps``) is resumed and compared, tensor for
 tensor, with an uninterrupted run of the same length. The runs are shared by the tests below.
