@@ -6,10 +6,8 @@ import torch
 import torch.distributed as dist
 
 from local_sgd_optim.comm.collectives import exchange_descriptions
-from local_sgd_optim.comm.groups import collective_device
-from local_sgd_optim.comm.stats import RoundError
 
-__all__ = ["agree_across_ranks", "agree_on_final_round"]
+__all__ = ["agree_across_ranks"]
 
 
 def agree_across_ranks(
@@ -61,32 +59,3 @@ def agree_across_ranks(
         f"First difference: rank 0 has {what_a}; rank {other} has {what_b}. "
         "Every rank must build the same model and pass the same arguments."
     )
-
-
-def agree_on_final_round(
-    due: bool, steps: int, process_group: dist.ProcessGroup | None, device: torch.device | None
-) -> bool:
-    """Whether any rank has a final round due, in one small all-reduce; the ranks must be at
-    the same optimizer step, or a rank that took one step more would wait alone in a final
-    round that the others skip.
-
-    Raises:
-        RoundError: the ranks are at different steps (raised on every rank; nothing changed).
-
-    Example::
-
-        >>> if agree_on_final_round(due, opt.optimizer_steps, None, None):
-        ...     opt.average()
-    """
-    on = collective_device(process_group, device)
-    mine = torch.tensor([int(due), steps, -steps], dtype=torch.int64, device=on)
-    dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=process_group)
-    any_due, most, fewest = (int(v) for v in mine.tolist())
-    if most != -fewest:
-        raise RoundError(
-            f"ranks are out of step at close(): between {-fewest} and {most} optimizer "
-            "steps. Every rank must call step() the same number of times (give every rank "
-            "the same number of batches, e.g. DistributedSampler with drop_last=True); "
-            "nothing was averaged"
-        )
-    return bool(any_due)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -83,8 +84,9 @@ def check_arguments(
         TypeError: wrong types, or a sharded model.
         ValueError: the base optimizer is already wrapped and open, holds parameters that are
             not the model's, or this rank is not in ``process_group``.
-        RuntimeError: ``process_group`` without torch.distributed, or a DDP model with a
-            communication hook of its own.
+        RuntimeError: ``process_group`` without torch.distributed, several processes launched
+            (``WORLD_SIZE`` > 1) without a process group, or a DDP model with a communication
+            hook of its own.
 
     Example::
 
@@ -104,6 +106,17 @@ def check_arguments(
         raise RuntimeError(
             "process_group was given but torch.distributed is not initialised; call "
             "torch.distributed.init_process_group() first"
+        )
+    world = os.environ.get("WORLD_SIZE", "1")
+    launched = world.strip().isdigit() and int(world) > 1
+    if enabled and launched and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"WORLD_SIZE={world} in the environment (torchrun or another launcher started "
+            "several processes), but torch.distributed is not initialised, so each process "
+            "would train alone without a word. Call torch.distributed.init_process_group() "
+            "before building LocalSGDOptimizer (with a framework, build it after the object "
+            "that creates the group: Accelerate's Accelerator, Lightning's Trainer.fit, "
+            "transformers' TrainingArguments), or pass enabled=False to train each process alone"
         )
     sharded = _sharded_parameter(model)
     if sharded is not None:

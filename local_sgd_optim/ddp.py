@@ -15,12 +15,20 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
 
 from local_sgd_optim.clock import Clock
 from local_sgd_optim.comm.collectives import start_all_reduce
 from local_sgd_optim.comm.stats import CommStats
 
-__all__ = ["HookState", "attach", "ddp_wrappers_of", "inner_ddp", "local_sgd_hook"]
+__all__ = [
+    "HookState",
+    "attach",
+    "ddp_wrappers_of",
+    "inner_ddp",
+    "local_sgd_hook",
+    "watch_for_ddp",
+]
 
 
 @dataclass
@@ -96,6 +104,37 @@ def attach(ddp: DistributedDataParallel, state: HookState) -> None:
     ddp.register_comm_hook(state, local_sgd_hook)
     # Buffers are averaged at rounds; rank 0's copy must not overwrite them every forward.
     ddp.broadcast_buffers = False
+
+
+def watch_for_ddp(model: nn.Module, state: HookState) -> RemovableHandle:
+    """Attach to a DistributedDataParallel built around ``model`` later, at its first forward.
+
+    DDP marks itself as the active module while it runs the wrapped module's forward; a
+    forward pre-hook on ``model`` reads that mark and takes over the DDP's gradient traffic
+    before the first backward (frameworks wrap the model in DDP after the optimizer exists). A
+    DDP that wraps more parameters than ``model``'s is left alone (its other gradients are not
+    ours to keep local); the round's check for ranks that stay identical catches it.
+
+    Returns:
+        The hook's handle; remove it once training has started.
+
+    Example::
+
+        >>> handle = watch_for_ddp(model, state)
+        >>> DistributedDataParallel(model)(x)  # the hook is attached before backward
+    """
+    ours = {id(p) for p in model.parameters()}
+
+    def look(module: nn.Module, args: Any) -> None:
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+        mine = (
+            isinstance(ddp, DistributedDataParallel) and {id(p) for p in ddp.parameters()} == ours
+        )
+        if mine:
+            attach(ddp, state)  # type: ignore[arg-type]
+
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return model.register_forward_pre_hook(disable(look) if disable is not None else look)
 
 
 def wrapper_chain(module: nn.Module) -> list[nn.Module]:

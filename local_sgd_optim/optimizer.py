@@ -23,15 +23,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from local_sgd_optim import state_entry
-from local_sgd_optim.agreement import agree_across_ranks, agree_on_final_round
+from local_sgd_optim.agreement import agree_across_ranks
 from local_sgd_optim.arguments import Ownership, check_arguments, could_communicate, first_device
 from local_sgd_optim.clock import Clock
 from local_sgd_optim.comm.collectives import GradientAverager, broadcast_tensors
 from local_sgd_optim.comm.groups import group_rank, group_size
+from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
-from local_sgd_optim.ddp import HookState, attach, inner_ddp
+from local_sgd_optim.ddp import HookState, attach, inner_ddp, watch_for_ddp
 from local_sgd_optim.delegating import DelegatingOptimizer
 from local_sgd_optim.gradients import rescale_gradients
 from local_sgd_optim.resume import (
@@ -137,6 +139,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             e.g. from :func:`torch.distributed.new_subgroups`, or ``"node"`` for one subgroup per
             node of ``LOCAL_WORLD_SIZE`` ranks (default: ``"node"`` when ``local_period`` is
             given).
+        allow_identical_ranks (bool): a scheduled round raises a :class:`RoundError` when every
+            rank's parameters changed since the last round and yet are bitwise identical across
+            ranks: gradients were all-reduced behind the wrapper's back, or every rank trains
+            on the same data. Pass ``True`` if every rank really is meant to see the same data
+            (default: ``False``).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
@@ -188,6 +195,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
         local_period: int | None = None,
         local_group: dist.ProcessGroup | str | None = None,
+        allow_identical_ranks: bool = False,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         del arguments["base_optimizer"], arguments["model"], arguments["process_group"]
@@ -222,10 +230,19 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._stats = CommStats()
         self._world_size = group_size(process_group) if settings.enabled else 1
         self._hook_state = HookState(self._clock, process_group, self._world_size, self._stats)
+        self._header = RoundHeader(
+            process_group,
+            self._world_size,
+            max(group_rank(process_group), 0),
+            settings.on_nonfinite,
+            self._device,
+            self._stats,
+        )
         self._extra_params: list[Tensor] = []
         self._gradient_averager: GradientAverager | None = None
         self._broadcast = BroadcastRecord()
         self._rounds = Rounds(
+            base_optimizer,
             model,
             self._extra_params,
             settings,
@@ -234,8 +251,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._device,
             self._communicates,
         )
+        self._ddp_watch: RemovableHandle | None = None
         if self._communicates:
             self._set_up_communication()
+        elif could_communicate(process_group, True):
+            self._rounds.agree()  # enabled=False here: so that it must be so on every rank
         self._rounds.build_outer()
         self._clock.schedule_first_round()
         self._log_settings()
@@ -247,6 +267,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         ddp = inner_ddp(self._model)
         if ddp is not None:
             attach(ddp, self._hook_state)
+        else:  # a framework may wrap the model in DDP later: attach at its first forward
+            self._ddp_watch = watch_for_ddp(self._model, self._hook_state)
         if settings.broadcast_initial:
             state = list(self._model.parameters()) + list(self._model.buffers())
             changed = broadcast_tensors(state, group, settings.bucket_cap_mb)
@@ -255,7 +277,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         if settings.broadcast_initial:
             self._rounds.set_anchors_from_tensors()  # every rank holds rank 0's values
         if settings.warmup_steps and ddp is None:
-            self._gradient_averager = GradientAverager(group, settings.bucket_cap_mb, self._stats)
+            self._gradient_averager = GradientAverager(
+                group, settings.bucket_cap_mb, self._stats, self._device
+            )
 
     def _log_settings(self) -> None:
         if not _LOG.isEnabledFor(logging.INFO) or (
@@ -414,7 +438,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         skip = found_inf is not None and bool(found_inf.item())
         if self._gradient_averager is not None and self._clock.in_warmup:
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self._gradient_averager.average(grads)
+            self._gradient_averager.average(grads, self._clock.optimizer_steps)
             if found_inf is not None:
                 # One rank's overflow reached every rank through the average: all skip alike.
                 skip = not self._gradient_averager.finite(grads)
@@ -422,6 +446,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         if not skip:
             loss = self._base.step() if closure is None else self._base.step(closure)
         self._clock.count_optimizer_step()
+        if self._ddp_watch is not None:  # training has started: any DDP has run by now
+            self._ddp_watch.remove()
+            self._ddp_watch = None
         if self._settings.enabled:
             self._run_due_rounds()
         return loss
@@ -520,9 +547,17 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     # --- averaging ------------------------------------------------------------------------
 
-    def _round(self, blocking: bool = True) -> None:
-        clock = self._clock
-        self._rounds.run(clock.optimizer_steps, blocking, clock.averaging_rounds + 1)
+    def _round(self, blocking: bool = True, kind: str = "round") -> None:
+        clock, settings = self._clock, self._settings
+        # Ranks identical after local steps mean Local SGD is not happening; not a symptom
+        # during warm-up (synchronous by design) or with subgroup rounds in between.
+        check = (
+            kind == "round"
+            and not settings.allow_identical_ranks
+            and settings.local_period is None
+            and clock.last_round_step >= settings.warmup_steps
+        )
+        self._rounds.run(clock.optimizer_steps, blocking, clock.averaging_rounds + 1, kind, check)
         clock.record_round()
 
     def average(self) -> None:
@@ -536,20 +571,21 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             Every rank of the process group must call this at the same point.
         """
         if self._settings.enabled:
-            self._round()
+            self._round(kind="average()")
 
     def close(self) -> None:
         """End training: a final averaging round, unless no optimizer step happened since the last.
 
         Idempotent. Afterwards every rank holds the same parameters and ``step()`` raises.
 
-        The ranks first agree, in one small all-reduce, on whether a round is due: a rank that
-        took one step more than the others (uneven data, say) would otherwise wait alone in a
-        final round that the others skip.
+        The ranks first agree, in the small header collective, on whether a round is due: a
+        rank that took one step more than the others (uneven data, say) would otherwise wait
+        alone in a final round that the others skip.
 
         Raises:
-            RoundError: the ranks took different numbers of optimizer steps; raised on every
-                rank, with the steps named, before any value changes.
+            RoundError: the ranks took different numbers of optimizer steps, or another rank is
+                doing something else (a round); raised on every rank, with each rank's step
+                named, before any value changes.
 
         .. warning::
             Every rank of the process group must call this.
@@ -560,16 +596,16 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         due = clock.optimizer_steps > clock.last_round_step or self._rounds.in_flight
         if self._communicates:
             try:
-                due = agree_on_final_round(
-                    due, clock.optimizer_steps, self._process_group, self._device
-                )
+                view = self._header.exchange("close()", clock.optimizer_steps, due)
+                self._header.check(view, clock.optimizer_steps)
+                due = any(view.flags)
             except RoundError:
                 self._ownership.closed = True  # no collective may follow: ranks are out of step
                 raise
         if self._settings.enabled and due:
             # Applying a round in flight leaves each rank's own progress in place: the blocking
             # round after it is what makes the ranks identical.
-            self._round()
+            self._round(kind="close()")
         self._ownership.closed = True
 
     def __enter__(self) -> LocalSGDOptimizer:

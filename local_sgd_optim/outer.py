@@ -63,16 +63,33 @@ class OuterOptimizer:
         self._plan = [id(t) for t in sources]
         self.ready = self._ready_at_build
 
+    def _follow(self, sources: Sequence[Tensor]) -> None:
+        """Move the kept copy, its gradient and the optimizer's state to where the parameters
+        went (``model.to(device)`` after the wrapper was built)."""
+        assert self.optimizer is not None
+        for kept, source in zip(self.kept, sources):
+            if kept.device == source.device and kept.dtype == source.dtype:
+                continue
+            state = self.optimizer.state.get(kept, {})
+            kept.data = kept.data.to(source.device, source.dtype)
+            if kept.grad is not None:
+                kept.grad = kept.grad.to(source.device, source.dtype)
+            for name, value in state.items():
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    state[name] = value.to(source.device, source.dtype)
+
     def _restart_if_changed(self, sources: Sequence[Tensor]) -> None:
-        if [id(t) for t in sources] != self._plan:
-            warnings.warn(
-                "LocalSGDOptimizer: the averaged parameters changed (unfrozen, added or "
-                "replaced); the outer optimizer starts again from the current average, its "
-                "state reset",
-                stacklevel=6,
-            )
-            self.build(sources)
-            self.ready = False
+        if [id(t) for t in sources] == self._plan:
+            self._follow(sources)
+            return
+        warnings.warn(
+            "LocalSGDOptimizer: the averaged parameters changed (unfrozen, added or "
+            "replaced); the outer optimizer starts again from the current average, its "
+            "state reset",
+            stacklevel=6,
+        )
+        self.build(sources)
+        self.ready = False
 
     @torch.no_grad()
     def _step(self, pairs: list[tuple[Tensor, Tensor, Tensor]]) -> bool:

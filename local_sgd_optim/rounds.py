@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from local_sgd_optim import state_entry
 from local_sgd_optim.agreement import agree_across_ranks
@@ -35,6 +36,7 @@ class Rounds:
     """The averaging rounds of one wrapper: plan, average, land, outer step, state.
 
     Args:
+        base_optimizer (Optimizer): the optimizer that steps the parameters.
         model (nn.Module): whose parameters and buffers are averaged.
         extra_params (list of Tensor): parameters added with ``add_param_group`` (shared, so
             later additions are seen).
@@ -46,12 +48,13 @@ class Rounds:
 
     Example::
 
-        >>> rounds = Rounds(model, [], settings, None, stats, None, communicates=True)
+        >>> rounds = Rounds(base, model, [], settings, None, stats, None, communicates=True)
         >>> rounds.agree(); rounds.build(); rounds.run(step=8, blocking=True)
     """
 
     def __init__(
         self,
+        base_optimizer: Optimizer,
         model: nn.Module,
         extra_params: list[Tensor],
         settings: Settings,
@@ -60,6 +63,7 @@ class Rounds:
         device: torch.device | None,
         communicates: bool,
     ) -> None:
+        self._base_optimizer = base_optimizer
         self._model = model
         self._extra_params = extra_params
         self._settings = settings
@@ -120,10 +124,30 @@ class Rounds:
                 averager.set_anchor_from_tensors()
 
     def _refresh_plan(self) -> None:
-        if plan_key(self.tracked()) != self._plan_key:
-            # Parameters were unfrozen, added or replaced since the last round.
+        entries = self.tracked()
+        if plan_key(entries) != self._plan_key:
+            # Parameters were unfrozen, added, replaced or moved since the last round.
+            self._check_optimizer_holds(entries)
             self.agree()
             self._build_averagers()
+
+    def _check_optimizer_holds(self, entries: list[Tracked]) -> None:
+        """Raise if the base optimizer steps tensors that are no longer the model's."""
+        live = {id(e.tensor) for e in entries if e.kind == "parameter"}
+        stale = sum(
+            1
+            for group in self._base_optimizer.param_groups
+            for p in group["params"]
+            if id(p) not in live
+        )
+        if stale:
+            raise RuntimeError(
+                f"{stale} parameter(s) of the model were replaced after the optimizer was built "
+                "(model.load_state_dict(..., assign=True), or new nn.Parameter objects "
+                "assigned): the base optimizer still steps the old ones, which the model no "
+                "longer uses. Build the base optimizer and LocalSGDOptimizer after replacing "
+                "them, or load without assign=True"
+            )
 
     @property
     def in_flight(self) -> bool:
@@ -140,8 +164,13 @@ class Rounds:
             kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
             averager.set_anchor_values(kept)  # deltas are taken from the outer result on
 
-    def run(self, step: int, blocking: bool, round_number: int) -> None:
-        """One round at optimizer ``step``: blocking, or started to land later."""
+    def run(
+        self, step: int, blocking: bool, round_number: int, kind: str, check_diverged: bool
+    ) -> None:
+        """One round at optimizer ``step``: blocking, or started to land later. ``kind`` says
+        what it is (``"round"``, ``"average()"``, ``"close()"``), checked to be the same on
+        every rank; ``check_diverged`` raises if the ranks stayed identical through local
+        steps."""
         # Whether the round's values are in place now (not started in the background), and
         # whether it was applied at all (a round skipped for NaN must not feed the outer step).
         landed = applied = True
@@ -151,9 +180,9 @@ class Rounds:
             assert self.averager is not None
             before = dataclasses.replace(self._stats)
             if blocking:
-                applied = self.averager.average(step)
+                applied = self.averager.average(step, kind, check_diverged)
             else:
-                result = self.averager.start(step)
+                result = self.averager.start(step, kind, check_diverged)
                 landed, applied = result is not None, bool(result)
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
@@ -168,7 +197,7 @@ class Rounds:
         if self.communicates:
             self._refresh_plan()
             if self.local_averager is not None:
-                self.local_averager.average(step)
+                self.local_averager.average(step, "local round")
 
     def _log(self, before: CommStats, step: int, blocking: bool, round_number: int) -> None:
         if _LOG.isEnabledFor(logging.DEBUG):

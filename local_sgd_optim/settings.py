@@ -75,6 +75,30 @@ def _name_of(value: object) -> str:
     return getattr(value, "__qualname__", type(value).__qualname__)
 
 
+def _describe_period(value: object) -> str:
+    """A period, or a schedule by its name and first periods (what it produces)."""
+    if not callable(value):
+        return repr(value)
+    try:
+        first = [value(step) for step in range(4)]
+    except Exception as problem:  # checked properly when the wrapper asks for a period
+        first = [f"raises {type(problem).__name__}"]
+    return f"{_name_of(value)} giving {first} at steps 0-3"
+
+
+def _describe_outer(value: object) -> str:
+    """An outer optimizer factory by what it builds: the class and its hyperparameters."""
+    if value is None or not callable(value):
+        return repr(value)
+    try:
+        built = value([torch.zeros(1, requires_grad=True)])
+    except Exception as problem:  # reported properly when the wrapper builds it
+        return f"{_name_of(value)} raising {type(problem).__name__}"
+    defaults = getattr(built, "defaults", {})
+    settings = ", ".join(f"{k}={defaults[k]!r}" for k in sorted(defaults))
+    return f"{type(built).__qualname__}({settings})"
+
+
 def _encode_period(value: object) -> object:
     return None if callable(value) else value  # a schedule is code, not state
 
@@ -134,7 +158,7 @@ class Settings:
 
     period: int | PeriodSchedule = dataclasses.field(
         metadata=_about(
-            _check_period, encode=_encode_period, decode=_decode_period, describe=_name_of
+            _check_period, encode=_encode_period, decode=_decode_period, describe=_describe_period
         )
     )
     accumulation_steps: int = dataclasses.field(
@@ -174,7 +198,7 @@ class Settings:
         metadata=_about(lambda v: check_non_negative_int("warmup_steps", v), required_since=None),
     )
     outer_optimizer: OuterFactory | None = dataclasses.field(
-        default=None, metadata=_about(_check_outer, saved=False, describe=_name_of)
+        default=None, metadata=_about(_check_outer, saved=False, describe=_describe_outer)
     )
     local_period: int | None = dataclasses.field(
         default=None, metadata=_about(_check_optional_positive("local_period"), required_since=None)
@@ -186,6 +210,10 @@ class Settings:
             saved=False,
             describe=lambda g: repr(g) if g is None or isinstance(g, str) else "a subgroup",
         ),
+    )
+    allow_identical_ranks: bool = dataclasses.field(
+        default=False,
+        metadata=_about(lambda v: check_bool("allow_identical_ranks", v), saved=False),
     )
 
     @classmethod

@@ -51,8 +51,14 @@ def outer_sources(entries: Sequence[Tracked]) -> list[Tensor]:
 
 
 def plan_key(entries: Sequence[Tracked]) -> tuple[Hashable, ...]:
-    """Changes when a tensor is added, replaced, frozen or unfrozen."""
-    return tuple((id(e.tensor), e.averaged) for e in entries)
+    """Changes when a tensor is added, replaced, frozen or unfrozen, or moved to other memory
+    (``model.to(...)`` keeps the parameter objects and gives them new storage), another device,
+    dtype or shape."""
+    return tuple(
+        (id(t), t.data_ptr(), t.device, t.dtype, t.shape, e.averaged)
+        for e in entries
+        for t in (e.tensor,)
+    )
 
 
 def describe(entries: Sequence[Tracked]) -> list[str]:

@@ -192,7 +192,7 @@ def main() -> None:
         **compare(ddp_b),
     }
 
-    # --- 4. Control: plain accelerator.prepare leaves DDP all-reducing gradients -------------
+    # --- 4. Plain accelerator.prepare: the wrapper finds the DDP at its first forward --------
     model_c = bn_net(seed=rank + 11)
     local_c = LocalSGDOptimizer(sgd(model_c), model_c, period=period)
     ddp_c, opt_c = accelerator.prepare(model_c, local_c)

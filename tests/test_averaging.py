@@ -18,6 +18,9 @@ KIB = 1 / 1024  # bucket_cap_mb for a bucket of 1 KiB
 
 # --- functions run on every rank -----------------------------------------------------------
 
+# The header before every round: 2 ranks x 5 int64 slots (what, step, flag, fingerprint, changed).
+HEADER_BYTES = 2 * 5 * 8
+
 
 def _learnable_loss(model: Any, rank: int, step: int) -> Tensor:
     """Cross-entropy on labels a linear teacher assigns: a task the model can learn."""
@@ -54,7 +57,6 @@ def _average_awkward(bucket_cap_mb: float) -> dict[str, Any]:
         "largest_bucket_bytes": max(b.wire_bytes for b in averager.buckets),
         "workspace_bytes": averager.workspace_bytes,
         "bytes": averager.stats.bytes_communicated,
-        "header_bytes": averager.buckets[0].header_numel * averager.buckets[0].wire_dtype.itemsize,
     }
 
 
@@ -187,9 +189,8 @@ def test_buckets_of_any_shape_average_to_the_mean(ranks: Any, bucket_cap_mb: flo
         torch.testing.assert_close(after0.double(), mean, rtol=0, atol=tolerance)
     assert r0["same_storage"] and r1["same_storage"]
     numel_bytes = sum(t.numel() * t.element_size() for t in r0["before"])
-    # Every element sent once, plus the round's header (each rank's step and finiteness).
-    assert r0["header_bytes"] == 2 * 9 * 2  # 2 ranks, 9 bf16 numbers each: bf16 goes first
-    assert r0["bytes"] == numel_bytes + r0["header_bytes"]
+    # Every element sent once, plus the round's header.
+    assert r0["bytes"] == numel_bytes + HEADER_BYTES
     if bucket_cap_mb == KIB:
         # fp32: 3000 + 120 elements fill 13 buckets of 256, the transposed tensor is one more;
         # bf16: 700 in buckets of 512 is two; fp64: one.
@@ -209,15 +210,13 @@ def test_workspace_is_a_small_pool_not_a_copy_of_the_model() -> None:
     delta = BucketedAverager(params, None, bucket_cap_mb=1.0, comm_dtype=torch.bfloat16)
     delta.set_anchor_from_tensors()
     overlap = BucketedAverager(params, None, bucket_cap_mb=1.0, overlap=True)
-    header = 9  # one rank: its step and finiteness, 9 numbers, in the first bucket
     # 2M elements in buckets of at most 1 MiB of fp32 (262,144): 8 equal buckets of 250,000.
+    # (The header is a collective of its own, a few dozen bytes allocated per round.)
     assert len(full.buckets) == 8 and {b.numel for b in full.buckets} == {250_000}
-    assert full.workspace_bytes == 2 * (250_000 + header) * 4 <= 2 * mib + 72
+    assert full.workspace_bytes == 2 * 250_000 * 4 <= 2 * mib
     # The full-precision copy, two 16-bit wire buffers and one fp32 staging buffer.
-    assert (
-        delta.workspace_bytes == model_bytes + 2 * (250_000 + header) * 2 + (250_000 + header) * 4
-    )
-    assert overlap.workspace_bytes == 2 * model_bytes + header * 4  # in flight: wire + sent
+    assert delta.workspace_bytes == model_bytes + 2 * 250_000 * 2 + 250_000 * 4
+    assert overlap.workspace_bytes == 2 * model_bytes  # in flight: wire + sent
 
 
 @pytest.mark.parametrize("comm_dtype", [None, torch.bfloat16, torch.float16])
@@ -237,7 +236,7 @@ def test_deltas_keep_rounding_error_at_the_size_of_the_move(
         # Sending the weights themselves in bf16 would be off by up to 4.
         assert 0 < error <= (3e-3 if comm_dtype == torch.bfloat16 else 4e-4)
     itemsize = 4 if comm_dtype is None else 2
-    assert r0["bytes"] == 3 * (4096 + 2 * 9) * itemsize  # three rounds, each with its header
+    assert r0["bytes"] == 3 * (4096 * itemsize + HEADER_BYTES)  # three rounds, each with its header
 
 
 @pytest.mark.parametrize("comm_dtype", [None, torch.bfloat16])
@@ -308,9 +307,9 @@ def test_stats_count_every_byte_sent(ranks: Any) -> None:
     )
     n = sum(p.numel() for p in bn_net().parameters()) + 2 * 8  # BatchNorm mean and var
     assert full[0]["stats"]["rounds"] == 2 and half[0]["stats"]["rounds"] == 2
-    header = 2 * 9  # 2 ranks' steps and finiteness
-    assert full[0]["stats"]["bytes_communicated"] == 2 * (n + header) * 4
-    assert half[0]["stats"]["bytes_communicated"] == 2 * (n + header) * 2
+    # Two rounds, each with its header, and the header of close() (no round due then).
+    assert full[0]["stats"]["bytes_communicated"] == 2 * (n * 4 + HEADER_BYTES) + HEADER_BYTES
+    assert half[0]["stats"]["bytes_communicated"] == 2 * (n * 2 + HEADER_BYTES) + HEADER_BYTES
     assert full[0]["stats"]["comm_seconds"] > 0
     assert full[0]["stats"]["round_seconds"] >= full[0]["stats"]["comm_seconds"]
 
@@ -322,6 +321,6 @@ def test_rounds_are_logged_at_debug_with_their_bytes(ranks: Any) -> None:
         rounds = [line for line in records if line.startswith("DEBUG round")]
         assert len(rounds) == 2
         assert rounds[0].startswith("DEBUG round 1 at step 4 (blocking): ")
-        assert f"{(n + 2 * 9) * 2} bytes sent" in rounds[0]
+        assert f"{n * 2 + HEADER_BYTES} bytes sent" in rounds[0]
     assert sum(line.startswith("INFO LocalSGDOptimizer: period=4") for line in r0) == 1
     assert not any(line.startswith("INFO") for line in r1)  # settings are logged on rank 0

@@ -1,4 +1,4 @@
-"""The round header alone: written by each rank, summed, read back exactly; the verdict."""
+"""The header alone: each rank's slots, summed, read back exactly; the verdicts."""
 
 from __future__ import annotations
 
@@ -6,37 +6,55 @@ import pytest
 import torch
 
 from local_sgd_optim import RoundError
-from local_sgd_optim.comm.header import RoundHeader
+from local_sgd_optim.comm.header import HeaderView, RoundHeader
 
 
-def _summed(
-    world: int, steps: list[int], nonfinite: list[bool], dtype: torch.dtype
-) -> torch.Tensor:
-    """What an all-reduce of every rank's header would hold."""
-    total = torch.zeros(RoundHeader(world, 0, "raise").numel, dtype=dtype)
+def _summed(world: int, kinds: list[str], steps: list[int], flags: list[bool]) -> HeaderView:
+    """What every rank reads after an all-reduce of every rank's header."""
+    total = torch.zeros(RoundHeader(None, world, 0, "raise").numel, dtype=torch.int64)
     for rank in range(world):
-        mine = torch.empty_like(total)
-        RoundHeader(world, rank, "raise").write(mine, steps[rank], nonfinite[rank])
-        total += mine
-    return total
+        header = RoundHeader(None, world, rank, "raise")
+        total += header.encode(kinds[rank], steps[rank], flags[rank], 1000 + rank, rank % 2 == 0)
+    return RoundHeader(None, world, 0, "raise").decode(total)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_steps_and_verdicts_arrive_exactly_in_every_wire_dtype(dtype: torch.dtype) -> None:
-    steps = [2**32 - 1, 123_456_789, 0, 65_537]
-    header = RoundHeader(4, 2, "raise")
-    assert header.numel == 4 * 9
-    nonfinite, read = header.read(_summed(4, steps, [False, True, False, True], dtype))
-    assert read == steps and nonfinite == [1, 3]
+def test_every_rank_reads_every_ranks_slots_exactly() -> None:
+    steps = [2**40 + 3, 123_456_789, 0, 65_537]
+    view = _summed(4, ["round", "close()", "average()", "local round"], steps, [0, 1, 0, 1])
+    assert view.steps == steps
+    assert view.kinds == ["round", "close()", "average()", "local round"]
+    assert view.flags == [False, True, False, True]
+    assert view.fingerprints == [1000, 1001, 1002, 1003]
+    assert view.changed == [True, False, True, False]
 
 
-def test_the_verdict_applies_skips_or_raises_the_same_on_every_rank() -> None:
-    ok = _summed(2, [8, 8], [False, False], torch.float32)
-    assert RoundHeader(2, 0, "raise").verdict(ok, 8) is True
-    with pytest.raises(RoundError, match="rank 0 at step 8, rank 1 at step 9"):
-        RoundHeader(2, 1, "raise").verdict(_summed(2, [8, 9], [False, False], torch.float32), 8)
-    nan = _summed(2, [8, 8], [False, True], torch.float32)
+def test_ranks_doing_different_things_or_at_different_steps_raise_alike() -> None:
+    header = RoundHeader(None, 2, 0, "raise")
+    header.check(_summed(2, ["round", "round"], [8, 8], [False, False]), 8)
+    with pytest.raises(RoundError, match="rank 0 at round of step 8, rank 1 at round of step 9"):
+        header.check(_summed(2, ["round", "round"], [8, 9], [False, False]), 8)
+    with pytest.raises(RoundError, match="rank 0 at close\\(\\) of step 7, rank 1 at round of"):
+        header.check(_summed(2, ["close()", "round"], [7, 8], [False, False]), 7)
+
+
+def test_the_finite_verdict_applies_skips_or_raises() -> None:
+    nan = _summed(2, ["round", "round"], [8, 8], [False, True])
+    assert RoundHeader(None, 2, 0, "raise").finite_verdict(
+        _summed(2, ["round", "round"], [8, 8], [False, False]), 8
+    )
     with pytest.raises(RoundError, match=r"rank\(s\) 1 at step 8; the round was not applied"):
-        RoundHeader(2, 0, "raise").verdict(nan, 8)
+        RoundHeader(None, 2, 0, "raise").finite_verdict(nan, 8)
     with pytest.warns(RuntimeWarning, match="non-finite values"):
-        assert RoundHeader(2, 0, "skip").verdict(nan, 8) is False
+        assert RoundHeader(None, 2, 0, "skip").finite_verdict(nan, 8) is False
+
+
+def test_identical_ranks_raise_only_when_every_rank_changed() -> None:
+    header = RoundHeader(None, 2, 0, "raise")
+    same = HeaderView(["round"] * 2, [8, 8], [False] * 2, [7, 7], [True, True])
+    with pytest.raises(RoundError, match=r"bitwise identical parameters .*attach_ddp"):
+        header.check_diverged(same, 8)
+    header.check_diverged(HeaderView(["round"] * 2, [8] * 2, [False] * 2, [7, 7], [True, False]), 8)
+    header.check_diverged(HeaderView(["round"] * 2, [8] * 2, [False] * 2, [7, 6], [True, True]), 8)
+    RoundHeader(None, 1, 0, "raise").check_diverged(
+        HeaderView(["round"], [8], [False], [7], [True]), 8
+    )

@@ -209,13 +209,13 @@ def test_ranks_out_of_step_raise_on_every_rank(ranks: Any) -> None:
     for name, message in ranks.run(_out_of_step):
         assert name == "RoundError"
         assert "ranks are out of step" in message
-        assert "rank 0 at step 12, rank 1 at step 8" in message
+        assert "rank 0 at round of step 12, rank 1 at round of step 8" in message
 
 
 def test_a_synchronisation_made_by_one_rank_only_is_caught(ranks: Any) -> None:
     for name, message in ranks.run(_average_on_one_rank_only):
         assert name == "RoundError"
-        assert "rank 0 at step 2, rank 1 at step 4" in message
+        assert "rank 0 at average() of step 2, rank 1 at round of step 4" in message
 
 
 def test_checkpoint_from_another_world_size_is_refused(ranks: Any) -> None:
@@ -252,5 +252,5 @@ def test_uneven_step_counts_fail_at_close_instead_of_hanging(ranks: Any) -> None
     for r in ranks.run(_uneven_batches_at_close, timeout=60):
         name, message = r["error"]
         assert name == "RoundError"
-        assert "out of step at close(): between 4 and 5 optimizer steps" in message
+        assert "rank 0 at close() of step 4, rank 1 at close() of step 5" in message
         assert r["unchanged"]

@@ -20,20 +20,34 @@ def test_every_constructor_setting_is_a_field_and_every_field_a_constructor_argu
     assert [a for a in arguments if a not in others] == fields
 
 
-def test_describe_lists_every_setting_and_names_callables_by_name() -> None:
+def test_describe_lists_every_setting_and_callables_by_what_they_produce() -> None:
     def nesterov(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(ps, lr=0.7, momentum=0.9, nesterov=True)
 
-    settings = Settings.from_arguments(period=8, outer_optimizer=nesterov, warmup_steps=3)
+    def doubling(step: int) -> int:
+        return 2 * (step + 1)
+
+    settings = Settings.from_arguments(period=doubling, outer_optimizer=nesterov, warmup_steps=3)
     lines = settings.describe()
     assert len(lines) == len(dataclasses.fields(Settings))
     assert "setting warmup_steps=3" in lines and "setting enabled=True" in lines
-    described = [line for line in lines if "outer_optimizer" in line]
-    assert described == [
-        "setting outer_optimizer=test_describe_lists_every_setting_and_names_callables_by_name"
-        ".<locals>.nesterov"
-    ]
+    [outer] = [line for line in lines if "outer_optimizer" in line]
+    assert outer.startswith("setting outer_optimizer=SGD(")
+    assert "lr=0.7" in outer and "momentum=0.9" in outer and "nesterov=True" in outer
+    [period] = [line for line in lines if line.startswith("setting period=")]
+    assert period.endswith("doubling giving [2, 4, 6, 8] at steps 0-3")
     assert "0x" not in " ".join(lines)  # no address, which differs between ranks
+    # Two factories that build the same optimizer agree; another learning rate does not.
+    same = Settings.from_arguments(
+        period=doubling, warmup_steps=3, outer_optimizer=lambda ps: nesterov(ps)
+    )
+    assert same.describe() == lines
+    other = Settings.from_arguments(
+        period=doubling,
+        warmup_steps=3,
+        outer_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True),
+    )
+    assert other.describe() != lines
 
 
 def test_state_keeps_the_saved_settings_and_round_trips() -> None:

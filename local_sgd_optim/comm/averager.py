@@ -30,7 +30,7 @@ from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.overlap import InFlightRound, Piece
 from local_sgd_optim.comm.packing import pack, unpack
 from local_sgd_optim.comm.stats import CommStats
-from local_sgd_optim.comm.tensors import all_finite, copy_all, shaped_views
+from local_sgd_optim.comm.tensors import copy_all, finite_and_fingerprint, shaped_views
 
 __all__ = ["BucketedAverager"]
 
@@ -63,9 +63,10 @@ class BucketedAverager:
             ``"raise"`` a :class:`RoundError` on every rank, or ``"skip"`` the round with a
             warning; either way no tensor is changed (default: ``"raise"``).
 
-    Every round checks, inside its first collective, that no rank's tensors hold NaN or inf
-    and that all ranks are at the same ``step``; the check costs one read of the tensors and a
-    header of ``9 * world_size`` numbers on the wire.
+    Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
+    ``5 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
+    doing the same thing at the same ``step`` and that no rank's tensors hold NaN or inf; it
+    costs one read of the tensors and that small collective.
 
     Example::
 
@@ -92,22 +93,26 @@ class BucketedAverager:
         self.comm_dtype = comm_dtype
         self.overlap = overlap
         self.stats = CommStats() if stats is None else stats
-        self.header = RoundHeader(
-            self.world_size, group_rank(process_group), check_on_nonfinite(on_nonfinite)
-        )
         groups = group_by_device_and_dtype(tensors)
+        device = groups[0][0][1].device if groups else None
+        self.header = RoundHeader(
+            process_group,
+            self.world_size,
+            group_rank(process_group),
+            check_on_nonfinite(on_nonfinite),
+            device,
+            self.stats,
+        )
         self._group_numels = [sum(t.numel() for _, t in g) for g in groups]
         self._tensors = [t for group in groups for _, t in group]
         self.buckets = cut_into_buckets(groups, max(1, int(bucket_cap_mb * MB)), comm_dtype)
-        self.header_numel = self.header.numel if self.buckets else 0
-        if self.buckets:
-            self.buckets[0].header_numel = self.header_numel
         self.numel = sum(b.numel for b in self.buckets)
         self.nbytes = sum(b.wire_bytes for b in self.buckets)
         self._previous_user = [-1] * len(self.buckets)
         self._anchors: list[Tensor | None] = [None] * len(groups)
+        self._fingerprint: int | None = None  # this rank's, at its last round
         self._allocate()
-        self._in_flight = InFlightRound(self.buckets, self.header, process_group, self.stats)
+        self._in_flight = InFlightRound(self.buckets, self.world_size, process_group, self.stats)
 
     @property
     def on_nonfinite(self) -> str:
@@ -119,9 +124,7 @@ class BucketedAverager:
     def _allocate(self) -> None:
         if self.overlap:
             for b in self.buckets:
-                b.set_wire(
-                    torch.empty(b.header_numel + b.numel, dtype=b.wire_dtype, device=b.device)
-                )
+                b.set_wire(torch.empty(b.numel, dtype=b.wire_dtype, device=b.device))
                 b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=b.device)
                 b.sent_views = shaped_views(b.sent, b.sources)
         else:
@@ -137,15 +140,13 @@ class BucketedAverager:
 
     def _allocate_staging(self) -> None:
         # One full-precision staging buffer per device for the delta buckets, also the wire of
-        # the full-precision round that sets the anchor: room for a header.
+        # the full-precision round that sets the anchor.
         for device in {b.device for b in self.buckets if b.delta}:
             deltas = [b for b in self.buckets if b.delta and b.device == device]
-            size = max((b.header_numel + b.numel) * b.dtype.itemsize for b in deltas)
+            size = max(b.numel * b.dtype.itemsize for b in deltas)
             scratch = torch.empty(size, dtype=torch.uint8, device=device)
             for b in deltas:
-                full = scratch[: (b.header_numel + b.numel) * b.dtype.itemsize].view(b.dtype)
-                b.scratch_wire = full
-                b.scratch = full[b.header_numel :]
+                b.scratch = scratch[: b.numel * b.dtype.itemsize].view(b.dtype)
                 b.scratch_views = shaped_views(b.scratch, b.sources)
 
     @property
@@ -223,74 +224,85 @@ class BucketedAverager:
 
     # --- blocking rounds ------------------------------------------------------------------
 
+    def _exchange_header(self, step: int, kind: str, check_diverged: bool) -> bool:
+        """The header before any payload: same kind and step everywhere (else raise), every
+        rank finite (else raise or skip), ranks not secretly synchronised; whether to go on."""
+        finite, fingerprint = finite_and_fingerprint(self._tensors)
+        previous, self._fingerprint = self._fingerprint, fingerprint
+        changed = check_diverged and previous is not None and fingerprint != previous
+        view = self.header.exchange(kind, step, not finite, fingerprint, changed)
+        self.header.check(view, step)
+        if not self.header.finite_verdict(view, step):
+            return False
+        self.header.check_diverged(view, step)
+        return True
+
     @torch.no_grad()
-    def average(self, step: int = 0) -> bool:
+    def average(self, step: int = 0, kind: str = "round", check_diverged: bool = False) -> bool:
         """One averaging round, blocking until the tensors hold the mean over ranks.
 
         Completes a round started with :meth:`start` first. Every rank of the group must call
-        it, with the same ``step``.
+        it, with the same ``step`` and ``kind``.
+
+        Args:
+            step (int): the optimizer step, checked to be the same on every rank.
+            kind (str): what the round is (``"round"``, ``"average()"``, ...), checked too.
+            check_diverged (bool): raise when every rank's tensors changed since its last round
+                and are bitwise identical across ranks (Local SGD is not happening).
 
         Returns:
             Whether the round was applied (``False``: skipped for non-finite values).
 
         Raises:
-            RoundError: ranks are at different steps, a rank's tensors are not finite (with
-                ``on_nonfinite="raise"``), or the collective failed (a rank exited or timed out).
+            RoundError: ranks are at different steps or doing different things, a rank's
+                tensors are not finite (with ``on_nonfinite="raise"``), the ranks are secretly
+                synchronised (with ``check_diverged``), or the collective failed.
         """
         if self.pending:
             self.finish()
         began = time.perf_counter()
-        nonfinite = not all_finite(self._tensors)
         try:
-            if any(b.delta for b in self.buckets) and not self.anchored:
-                applied = self._full_precision_round(step, nonfinite)
-            else:
-                applied = self._pipelined_round(step, nonfinite)
+            applied = self._exchange_header(step, kind, check_diverged)
+            if applied and any(b.delta for b in self.buckets) and not self.anchored:
+                self._full_precision_round(step)
+            elif applied:
+                self._pipelined_round(step)
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += int(applied)
         return applied
 
-    def _pipelined_round(self, step: int, nonfinite: bool) -> bool:
+    def _pipelined_round(self, step: int) -> None:
         def start(i: int) -> dist.Work:
             b = self.buckets[i]
             pack(b, b.payload, b.payload_views)
-            if i == 0:
-                self.header.write(b.header, step, nonfinite)
             return start_all_reduce(b.wire, self.process_group, self.stats, step)
 
         def land(i: int, work: dist.Work) -> bool:
             wait(work, self.stats, step)
-            if i == 0 and not self.header.verdict(self.buckets[0].header, step):
-                return False
             unpack(self.buckets[i], self.world_size)
             return True
 
-        return pipeline(self._previous_user, start, land, lambda work: wait(work, self.stats, step))
+        pipeline(self._previous_user, start, land, lambda work: wait(work, self.stats, step))
 
-    def _full_precision_round(self, step: int, nonfinite: bool) -> bool:
+    def _full_precision_round(self, step: int) -> None:
         # The first round with 16-bit deltas has nothing to take deltas against: average in full
         # precision (delta buckets through their staging buffer), then keep the result as the
         # reference. Rare, so one bucket at a time.
         self._set_anchor_storage()
-        for i, b in enumerate(self.buckets):
+        for b in self.buckets:
             if b.delta:
-                assert b.scratch is not None and b.scratch_wire is not None
-                wire, payload, views = b.scratch_wire, b.scratch, b.scratch_views
+                assert b.scratch is not None
+                wire, views = b.scratch, b.scratch_views
             else:
-                wire, payload, views = b.wire, b.payload, b.payload_views
+                wire, views = b.wire, b.payload_views
             copy_all(views, b.sources)
-            if i == 0:
-                self.header.write(wire[: b.header_numel], step, nonfinite)
             wait(start_all_reduce(wire, self.process_group, self.stats, step), self.stats, step)
-            if i == 0 and not self.header.verdict(wire[: b.header_numel], step):
-                return False
-            payload.div_(self.world_size)
+            wire.div_(self.world_size)
             copy_all(b.sources, views)
             if b.delta:
                 assert b.anchor is not None
-                b.anchor.copy_(payload)
-        return True
+                b.anchor.copy_(wire)
 
     # --- overlapped rounds ----------------------------------------------------------------
 
@@ -300,24 +312,31 @@ class BucketedAverager:
         return self._in_flight.pending
 
     @torch.no_grad()
-    def start(self, step: int = 0) -> bool | None:
-        """Snapshot the tensors and start all-reducing the snapshot in the background.
+    def start(
+        self, step: int = 0, kind: str = "round", check_diverged: bool = False
+    ) -> bool | None:
+        """Exchange the header, snapshot the tensors and start all-reducing the snapshot in the
+        background.
 
         The first round with 16-bit deltas is completed at once (see :meth:`average`).
 
         Returns:
-            ``None`` when the round is in flight; when it completed at once, whether it was
-            applied.
+            ``None`` when the round is in flight; when it completed at once or was skipped for
+            non-finite values, whether it was applied.
         """
         if not self.overlap:
             raise RuntimeError("start() needs a BucketedAverager built with overlap=True")
         if self.pending:
             raise RuntimeError("a round is already in flight; finish() it first")
         if any(b.delta for b in self.buckets) and not self.anchored:
-            return self.average(step)
+            return self.average(step, kind, check_diverged)
         began = time.perf_counter()
-        self._in_flight.start(step, not all_finite(self._tensors))
-        self.stats.round_seconds += time.perf_counter() - began
+        try:
+            if not self._exchange_header(step, kind, check_diverged):
+                return False
+            self._in_flight.start(step)
+        finally:
+            self.stats.round_seconds += time.perf_counter() - began
         return None
 
     @torch.no_grad()
@@ -334,11 +353,11 @@ class BucketedAverager:
             return False
         began = time.perf_counter()
         try:
-            applied = self._in_flight.finish()
+            self._in_flight.finish()
         finally:
             self.stats.round_seconds += time.perf_counter() - began
-        self.stats.rounds += int(applied)
-        return applied
+        self.stats.rounds += 1
+        return True
 
     def snapshot_pieces(self) -> list[Piece]:
         """Right after :meth:`finish`: every piece of the averaged tensors with the mean of the

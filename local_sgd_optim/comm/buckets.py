@@ -49,12 +49,9 @@ class Bucket:
     numel: int
     group: int
     group_offset: int
-    header_numel: int = 0  # the first bucket of a round also carries the round's header
-    wire: Tensor = field(init=False)  # what is all-reduced: header, then payload
-    payload: Tensor = field(init=False)
+    wire: Tensor = field(init=False)  # what is all-reduced (the payload)
     payload_views: list[Tensor] = field(init=False)
     scratch: Tensor | None = field(default=None, init=False)  # full precision staging
-    scratch_wire: Tensor | None = field(default=None, init=False)  # header + scratch
     scratch_views: list[Tensor] = field(default_factory=list, init=False)
     sent: Tensor | None = field(default=None, init=False)  # overlap: the payload this rank sent
     sent_views: list[Tensor] = field(default_factory=list, init=False)
@@ -68,19 +65,18 @@ class Bucket:
 
     @property
     def wire_bytes(self) -> int:
-        """Bytes on the wire, header included."""
-        return (self.header_numel + self.numel) * self.wire_dtype.itemsize
+        """Bytes on the wire."""
+        return self.numel * self.wire_dtype.itemsize
 
     @property
-    def header(self) -> Tensor:
-        """The round's header at the front of the wire (empty except in the first bucket)."""
-        return self.wire[: self.header_numel]
+    def payload(self) -> Tensor:
+        """What the bucket sends: the wire buffer."""
+        return self.wire
 
     def set_wire(self, wire: Tensor) -> None:
-        """Use ``wire`` (header, then payload) for this bucket's collective."""
+        """Use ``wire`` for this bucket's collective."""
         self.wire = wire
-        self.payload = wire[self.header_numel :]
-        self.payload_views = shaped_views(self.payload, self.sources)
+        self.payload_views = shaped_views(wire, self.sources)
 
 
 def group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[tuple[int, Tensor]]]:

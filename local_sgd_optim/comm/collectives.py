@@ -24,7 +24,8 @@ from local_sgd_optim.comm.buckets import (
     group_by_device_and_dtype,
     pool_plan,
 )
-from local_sgd_optim.comm.groups import collective_device, group_size
+from local_sgd_optim.comm.groups import collective_device, group_rank, group_size
+from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.comm.tensors import all_finite, copy_all, shaped_views
 
@@ -139,12 +140,13 @@ class GradientAverager:
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
         bucket_cap_mb (float): bucket size in MiB (default: 25).
         stats (CommStats, optional): where to add up bytes and waiting time (default: new).
+        device (torch.device, optional): the model's device, for the header (NCCL).
 
     Example::
 
         >>> grads = GradientAverager(None, bucket_cap_mb=25)
         >>> loss.backward()
-        >>> grads.average([p.grad for p in model.parameters() if p.grad is not None])
+        >>> grads.average([p.grad for p in model.parameters() if p.grad is not None], step=0)
     """
 
     def __init__(
@@ -152,10 +154,14 @@ class GradientAverager:
         process_group: dist.ProcessGroup | None,
         bucket_cap_mb: float = 25.0,
         stats: CommStats | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.stats = CommStats() if stats is None else stats
         self.process_group = process_group
         self.world_size = group_size(process_group)
+        self.header = RoundHeader(
+            process_group, self.world_size, group_rank(process_group), "raise", device, self.stats
+        )
         self._cap_bytes = max(1, int(bucket_cap_mb * MB))
         self._pools: dict[torch.device, list[Tensor]] = {}
 
@@ -170,8 +176,10 @@ class GradientAverager:
         return pool[index][:nbytes]
 
     @torch.no_grad()
-    def average(self, grads: Sequence[Tensor]) -> None:
-        """Replace every gradient by its mean over the ranks. Every rank must call it."""
+    def average(self, grads: Sequence[Tensor], step: int = 0) -> None:
+        """Replace every gradient by its mean over the ranks. Every rank must call it, at the
+        same optimizer ``step`` (checked in a header first, like a round's)."""
+        self.header.check(self.header.exchange("gradient average", step, False), step)
         dense = [g for g in grads if not g.is_sparse]
         for sparse in (g for g in grads if g.is_sparse):
             self.stats.bytes_communicated += sparse.coalesce().values().nbytes

@@ -1,88 +1,194 @@
-"""The header every averaging round carries in its first collective.
+"""The header: a small fixed-size collective before every payload the wrapper sends.
 
-Each rank writes, in its own slots, whether its tensors are finite and the optimizer step it is
-at; the others write zeros, so after the all-reduce every rank reads every rank's values exactly,
-whatever the wire dtype (the step goes as base-16 digits, exact even in bfloat16). From that,
-every rank reaches the same verdict before any payload touches a tensor.
+Each rank writes, in its own slots, what it is about to do (a round, a subgroup round,
+``average()``, ``close()``, a warm-up gradient average), at which optimizer step, a flag (its
+tensors hold NaN or inf; at ``close()``: a final round is due), a fingerprint of its averaged
+tensors and whether they changed since its last round. The others write zeros, so after one
+all-reduce every rank reads every rank's slots exactly (int64), and every rank reaches the same
+verdict before any payload moves: ranks that are doing different things, or are at different
+steps, raise the same :class:`RoundError` instead of meeting in mismatched collectives (which
+gloo answers by aborting the process, NCCL by hanging).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.distributed as dist
 
-from local_sgd_optim.comm.stats import RoundError
+from local_sgd_optim.comm.groups import collective_device
+from local_sgd_optim.comm.stats import CommStats, RoundError
 
-__all__ = ["RoundHeader"]
+__all__ = ["KINDS", "HeaderView", "RoundHeader"]
 
-STEP_DIGITS = 8  # base-16 digits of the step: steps below 2**32
+# What a rank can be about to do, by code: 0 stays free (a rank that wrote nothing).
+KINDS = {
+    "round": 1,
+    "local round": 2,
+    "average()": 3,
+    "close()": 4,
+    "gradient average": 5,
+}
+_NAMES = {code: name for name, code in KINDS.items()}
+_SLOTS = 5  # kind, step, flag, fingerprint, changed
+
+
+@dataclass
+class HeaderView:
+    """Every rank's slots after the exchange.
+
+    Args:
+        kinds (list of str): what each rank is about to do.
+        steps (list of int): each rank's optimizer step.
+        flags (list of bool): each rank's flag (non-finite values; at close: a round is due).
+        fingerprints (list of int): each rank's fingerprint of its averaged tensors.
+        changed (list of bool): whether each rank's tensors changed since its last round.
+
+    Example::
+
+        >>> view = header.exchange("round", step=8, flag=False)
+        >>> view.steps
+        [8, 8]
+    """
+
+    kinds: list[str]
+    steps: list[int]
+    flags: list[bool]
+    fingerprints: list[int]
+    changed: list[bool]
 
 
 class RoundHeader:
-    """Writes and reads a round's header for a group of ``world_size`` ranks.
+    """Exchanges and judges the header of a group of ranks.
 
     Args:
+        process_group (ProcessGroup, optional): the ranks (default: the world).
         world_size (int): ranks in the group.
         rank (int): this rank's index in the group.
         on_nonfinite (str): ``"raise"`` a :class:`RoundError` or ``"skip"`` the round with a
             warning when a rank reports NaN or inf.
+        device (torch.device, optional): the model's device (NCCL needs a CUDA tensor).
+        stats (CommStats, optional): where the header's bytes and waiting time add up.
 
     Example::
 
-        >>> header = RoundHeader(world_size=2, rank=0, on_nonfinite="raise")
-        >>> wire = torch.zeros(header.numel)
-        >>> header.write(wire, step=8, nonfinite=False)
-        >>> dist.all_reduce(wire)
-        >>> header.verdict(wire, step=8)  # True: apply the round
+        >>> header = RoundHeader(None, 2, dist.get_rank(), "raise")
+        >>> view = header.exchange("round", step=8, flag=False)
+        >>> header.check(view, step=8)  # raises on every rank if the ranks disagree
     """
 
-    def __init__(self, world_size: int, rank: int, on_nonfinite: str) -> None:
+    def __init__(
+        self,
+        process_group: dist.ProcessGroup | None,
+        world_size: int,
+        rank: int,
+        on_nonfinite: str,
+        device: torch.device | None = None,
+        stats: CommStats | None = None,
+    ) -> None:
+        self.process_group = process_group
         self.world_size = world_size
         self.rank = rank
         self.on_nonfinite = on_nonfinite
-        self.numel = world_size * (1 + STEP_DIGITS)
+        self.stats = CommStats() if stats is None else stats
+        self._device = device
+        self.numel = world_size * _SLOTS
 
-    def write(self, header: Tensor, step: int, nonfinite: bool) -> None:
-        """Fill ``header`` (``numel`` elements) with this rank's verdict and step."""
-        header.zero_()
-        header[self.rank] = float(nonfinite)
-        digits = [(step >> (4 * j)) & 15 for j in range(STEP_DIGITS)]
-        start = self.world_size + self.rank * STEP_DIGITS
-        header[start : start + STEP_DIGITS] = torch.tensor(digits, dtype=header.dtype)
+    def encode(
+        self, kind: str, step: int, flag: bool, fingerprint: int = 0, changed: bool = False
+    ) -> torch.Tensor:
+        """This rank's header: its own slots filled, the others zero."""
+        mine = torch.zeros(self.numel, dtype=torch.int64)
+        mine[self.rank * _SLOTS : (self.rank + 1) * _SLOTS] = torch.tensor(
+            [KINDS[kind], step, int(flag), fingerprint, int(changed)], dtype=torch.int64
+        )
+        return mine
 
-    def read(self, header: Tensor) -> tuple[list[int], list[int]]:
-        """The ranks that reported non-finite values, and every rank's step."""
-        values = [round(v) for v in header.double().cpu().tolist()]
-        world = self.world_size
-        nonfinite = [r for r in range(world) if values[r]]
-        steps = [
-            sum(values[world + r * STEP_DIGITS + j] << (4 * j) for j in range(STEP_DIGITS))
-            for r in range(world)
-        ]
-        return nonfinite, steps
+    def decode(self, summed: torch.Tensor) -> HeaderView:
+        """Every rank's slots from the summed headers."""
+        values = summed.view(self.world_size, _SLOTS).tolist()
+        return HeaderView(
+            kinds=[_NAMES.get(int(v[0]), "nothing") for v in values],
+            steps=[int(v[1]) for v in values],
+            flags=[bool(v[2]) for v in values],
+            fingerprints=[int(v[3]) for v in values],
+            changed=[bool(v[4]) for v in values],
+        )
 
-    def verdict(self, header: Tensor, step: int) -> bool:
-        """Whether the round may be applied; raises (on every rank alike) when it must not."""
-        nonfinite, steps = self.read(header)
-        if len(set(steps)) > 1:
-            at = ", ".join(f"rank {r} at step {s}" for r, s in enumerate(steps))
+    def exchange(
+        self, kind: str, step: int, flag: bool, fingerprint: int = 0, changed: bool = False
+    ) -> HeaderView:
+        """All-reduce this rank's header with the others' (blocking); every rank's slots.
+
+        Raises:
+            RoundError: the collective failed (a rank exited or timed out).
+        """
+        device = collective_device(self.process_group, self._device)
+        wire = self.encode(kind, step, flag, fingerprint, changed).to(device)
+        self.stats.bytes_communicated += wire.numel() * wire.element_size()
+        began = time.perf_counter()
+        try:
+            dist.all_reduce(wire, group=self.process_group)
+        except Exception as failure:
             raise RoundError(
-                f"ranks are out of step at an averaging round ({at}). Every rank must call "
-                "step() the same number of times; nothing was averaged"
+                f"the {kind} at step {step} failed in its collective ({failure}). Another "
+                "rank has probably exited, crashed or stopped calling step(); see its log. "
+                "Nothing was changed on this rank"
+            ) from failure
+        finally:
+            self.stats.comm_seconds += time.perf_counter() - began
+        return self.decode(wire.cpu())
+
+    def check(self, view: HeaderView, step: int) -> None:
+        """Raise the same :class:`RoundError` on every rank if the ranks are doing different
+        things or are at different steps."""
+        doing = set(zip(view.kinds, view.steps))
+        if len(doing) > 1:
+            at = ", ".join(
+                f"rank {r} at {kind} of step {s}"
+                for r, (kind, s) in enumerate(zip(view.kinds, view.steps))
             )
-        if nonfinite:
-            names = ", ".join(map(str, nonfinite))
-            message = (
-                f"non-finite values (NaN or inf) in the averaged tensors of rank(s) {names} at "
-                f"step {step}; the round was not applied, so no rank's values changed"
+            raise RoundError(
+                f"ranks are out of step ({at}). Every rank must call step() the same number "
+                "of times, and average() and close() at the same point (give every rank the "
+                "same number of batches, e.g. DistributedSampler with drop_last=True); "
+                "nothing was averaged"
             )
-            if self.on_nonfinite == "raise":
-                raise RoundError(
-                    message + ". Lower the learning rate or clip gradients, or pass "
-                    "on_nonfinite='skip' to skip such rounds with a warning"
-                )
-            warnings.warn(message, RuntimeWarning, stacklevel=5)
-            return False
-        return True
+
+    def finite_verdict(self, view: HeaderView, step: int) -> bool:
+        """Whether a round may be applied given the ranks' non-finite flags; raises (on every
+        rank alike) with ``on_nonfinite="raise"``, warns and returns ``False`` with ``"skip"``."""
+        nonfinite = [r for r, flag in enumerate(view.flags) if flag]
+        if not nonfinite:
+            return True
+        names = ", ".join(map(str, nonfinite))
+        message = (
+            f"non-finite values (NaN or inf) in the averaged tensors of rank(s) {names} at "
+            f"step {step}; the round was not applied, so no rank's values changed"
+        )
+        if self.on_nonfinite == "raise":
+            raise RoundError(
+                message + ". Lower the learning rate or clip gradients, or pass "
+                "on_nonfinite='skip' to skip such rounds with a warning"
+            )
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+        return False
+
+    def check_diverged(self, view: HeaderView, step: int) -> None:
+        """Raise on every rank when every rank's tensors changed since its last round and yet
+        are bitwise identical across ranks: gradients were synchronised, or every rank trains
+        on the same data."""
+        if self.world_size > 1 and all(view.changed) and len(set(view.fingerprints)) == 1:
+            raise RoundError(
+                f"every rank holds bitwise identical parameters at the round of step {step}, "
+                "after local steps that changed them: Local SGD is not happening. Either the "
+                "gradients are all-reduced at every step (a DistributedDataParallel built "
+                "around the model after the LocalSGDOptimizer and not seen by it: build the "
+                "optimizer on the DDP model, or call opt.attach_ddp(ddp_model)), or every "
+                "rank trains on the same data (shard it, e.g. with DistributedSampler). If "
+                "every rank really is meant to see the same data, pass "
+                "allow_identical_ranks=True"
+            )

@@ -7,6 +7,7 @@ becomes the mean of the ranks' snapshots plus this rank's own change since its s
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,6 @@ from torch import Tensor
 
 from local_sgd_optim.comm.buckets import Bucket
 from local_sgd_optim.comm.collectives import start_all_reduce, wait
-from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.packing import apply_overlapped, pack
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.comm.tensors import as_real
@@ -59,14 +59,14 @@ class InFlightRound:
 
     Args:
         buckets (Sequence[Bucket]): the averager's buckets, with their own wire and ``sent``.
-        header (RoundHeader): writes and judges the round's header.
+        world_size (int): ranks in the group.
         process_group (ProcessGroup, optional): the ranks to average over.
         stats (CommStats): where to add up the cost.
 
     Example::
 
-        >>> round = InFlightRound(averager.buckets, averager.header, None, stats)
-        >>> round.start(step=8, nonfinite=False)
+        >>> round = InFlightRound(averager.buckets, 2, None, stats)
+        >>> round.start(step=8)
         >>> ...  # optimizer steps
         >>> round.finish()
     """
@@ -74,12 +74,12 @@ class InFlightRound:
     def __init__(
         self,
         buckets: Sequence[Bucket],
-        header: RoundHeader,
+        world_size: int,
         process_group: dist.ProcessGroup | None,
         stats: CommStats,
     ) -> None:
         self.buckets = list(buckets)
-        self.header = header
+        self.world_size = world_size
         self.process_group = process_group
         self.stats = stats
         self._works: list[dist.Work] | None = None
@@ -91,31 +91,26 @@ class InFlightRound:
         """Whether a round was started and not finished."""
         return self._works is not None
 
-    def start(self, step: int, nonfinite: bool) -> None:
-        """Snapshot every bucket into its ``sent`` copy and start all-reducing it."""
+    def start(self, step: int) -> None:
+        """Snapshot every bucket into its ``sent`` copy and start all-reducing it (the header
+        was exchanged and judged before)."""
         works = []
-        for i, b in enumerate(self.buckets):
+        for b in self.buckets:
             assert b.sent is not None
             pack(b, b.sent, b.sent_views)
             b.payload.copy_(b.sent)
-            if i == 0:
-                self.header.write(b.header, step, nonfinite)
             works.append(start_all_reduce(b.wire, self.process_group, self.stats, step))
         self._works = works
         self._step = step
 
-    def finish(self) -> bool:
-        """Wait for the round and apply it; whether it was applied (not skipped for NaN)."""
+    def finish(self) -> None:
+        """Wait for the round and apply it."""
         works, self._works = self._works or [], None
         for work in works:  # empty when state() already waited
             wait(work, self.stats, self._step)
-        if self.buckets and not self.header.verdict(self.buckets[0].header, self._step):
-            return False
-        world = self.header.world_size
         for b in self.buckets:
-            apply_overlapped(b, world)
+            apply_overlapped(b, self.world_size)
         self._payload_scaled = False
-        return True
 
     def snapshot_pieces(self) -> list[Piece]:
         """Right after :meth:`finish`: each piece with the mean of the ranks' snapshots."""
@@ -125,7 +120,7 @@ class InFlightRound:
                 means = b.anchor_views  # the last values plus the mean delta
             else:
                 if not self._payload_scaled:
-                    b.payload.mul_(1.0 / self.header.world_size)
+                    b.payload.mul_(1.0 / self.world_size)
                 means = b.payload_views
             for source, mean, (index, offset) in zip(b.sources, means, b.origins):
                 pieces.append(Piece(index, offset, source, mean))
@@ -150,14 +145,17 @@ class InFlightRound:
         if state is None:
             self._works = None
             return
-        received, sent = state["received"], state["sent"]
+        received, sent = list(state["received"]), state["sent"]
+        if received and self.buckets:
+            received[0] = self._without_old_header(received[0])
+            if received[0] is None:  # the old header's verdict: a rank was not finite
+                self._works = None
+                return
         if (
             len(received) != len(self.buckets)
             or len(sent) != len(self.buckets)
             or any(
-                r.numel() != b.header_numel + b.numel
-                or s.numel() != b.numel
-                or r.dtype != b.wire_dtype
+                r.numel() != b.numel or s.numel() != b.numel or r.dtype != b.wire_dtype
                 for r, s, b in zip(received, sent, self.buckets)
             )
         ):
@@ -172,3 +170,20 @@ class InFlightRound:
                 b.sent.copy_(s)
         self._works = []
         self._step = int(state["step"])
+
+    def _without_old_header(self, received: Tensor) -> Tensor | None:
+        """Checkpoints of version 0.1.0.dev0 before the separate header carried it at the front
+        of the first bucket (``9 * world_size`` numbers; the first ``world_size`` say which
+        ranks were not finite): drop it, or ``None`` when the round was to be skipped."""
+        old = 9 * self.world_size
+        if received.numel() != self.buckets[0].numel + old:
+            return received
+        if bool(received[: self.world_size].ne(0).any()):
+            warnings.warn(
+                "the checkpoint's round in flight found non-finite values on some rank; it "
+                "is dropped, so no rank's values change",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return received[old:]
