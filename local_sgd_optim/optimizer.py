@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import warnings
 from types import TracebackType
 from typing import Any, Callable
@@ -31,7 +32,7 @@ from local_sgd_optim.arguments import Ownership, check_arguments, could_communic
 from local_sgd_optim.clock import Clock
 from local_sgd_optim.comm.collectives import GradientAverager, broadcast_tensors
 from local_sgd_optim.comm.groups import group_rank, group_size
-from local_sgd_optim.comm.header import RoundHeader
+from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.ddp import HookState, attach, inner_ddp, watch_for_ddp
 from local_sgd_optim.delegating import DelegatingOptimizer
@@ -45,6 +46,7 @@ from local_sgd_optim.resume import (
 )
 from local_sgd_optim.rounds import Rounds
 from local_sgd_optim.settings import PeriodSchedule, Settings
+from local_sgd_optim.tracked import outer_sources
 
 __all__ = ["LocalSGDOptimizer"]
 
@@ -258,7 +260,42 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._rounds.agree()  # enabled=False here: so that it must be so on every rank
         self._rounds.build_outer()
         self._clock.schedule_first_round()
+        # Copies taken above (the outer optimizer's, the anchor for 16-bit deltas) must follow
+        # weights loaded into the model before training starts: see _start_training.
+        self._built_state: list[tuple[int, int]] | None = self._state_signature()
         self._log_settings()
+
+    def _state_signature(self) -> list[tuple[int, int]]:
+        # The averaged parameters only: a forward in training mode updates buffers (BatchNorm
+        # statistics) before the first step() sees them.
+        return [(t._version, t.data_ptr()) for t in outer_sources(self._rounds.tracked())]
+
+    def _start_training(self) -> None:
+        """At the first ``step()``: if weights were loaded into the model after construction
+        (fine-tuning from pretrained weights), and no optimizer state was loaded, take the
+        copies again as construction would have, so that both orders train alike."""
+        built, self._built_state = self._built_state, None
+        if built is None or built == self._state_signature():
+            return
+        settings = self._settings
+        if self._communicates:
+            # Ranks that changed the model do this together; one that did it alone meets
+            # another rank's round in the header instead, and every rank raises.
+            self._header.check(self._exchange_header("first step()", 0, 0), 0)
+            if settings.broadcast_initial:
+                params = outer_sources(self._rounds.tracked())
+                broadcast_tensors(params, self._process_group, settings.bucket_cap_mb)
+            # Buffers may differ after a forward: the next round sets the anchors afresh.
+            self._rounds.forget_anchors()
+        self._rounds.build_outer()
+
+    def _exchange_header(self, kind: str, step: int, flag: int) -> HeaderView:
+        """A header outside a round's own; its time counts as round time, as a round's does."""
+        began = time.perf_counter()
+        try:
+            return self._header.exchange(kind, step, flag)
+        finally:
+            self._stats.round_seconds += time.perf_counter() - began
 
     def _set_up_communication(self) -> None:
         """Agree with the other ranks, take over DDP, broadcast, build the averagers."""
@@ -426,6 +463,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         grad_scale: Tensor | None = self.__dict__.get("grad_scale")
         found_inf: Tensor | None = self.__dict__.get("found_inf")
         self._check_step(closure, found_inf)
+        if self._built_state is not None:
+            self._start_training()
         if not self._clock.count_micro_step():
             return None
         accumulation = self._settings.accumulation_steps
@@ -498,11 +537,20 @@ class LocalSGDOptimizer(DelegatingOptimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the base optimizer; its parameters join averaging.
 
-        With ``broadcast_initial``, the new parameters are copied from rank 0 right away.
+        With ``broadcast_initial``, the new parameters are copied from rank 0 right away, after
+        a header that checks every rank is adding a group at the same step; without it, the
+        next round's header checks that every rank averages the same tensors.
+
+        Raises:
+            RoundError: the other ranks are doing something else (a rank added the group
+                alone); raised on every rank.
 
         .. warning::
             Every rank must call this, with the same parameters.
         """
+        if self._communicates and self._settings.broadcast_initial:
+            steps = self._clock.optimizer_steps
+            self._header.check(self._exchange_header("add_param_group()", steps, 0), steps)
         self._base.add_param_group(param_group)
         known = {id(p) for p in self._model.parameters()} | {id(p) for p in self._extra_params}
         added = [p for p in self._base.param_groups[-1]["params"] if id(p) not in known]
@@ -596,7 +644,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         due = clock.optimizer_steps > clock.last_round_step or self._rounds.in_flight
         if self._communicates:
             try:
-                view = self._header.exchange("close()", clock.optimizer_steps, due)
+                view = self._exchange_header("close()", clock.optimizer_steps, due)
                 self._header.check(view, clock.optimizer_steps)
                 due = any(view.flags)
             except RoundError:
@@ -681,15 +729,39 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         window_start = Clock.window_start_after_resume(
             entry.counters, "accumulation_steps" in changed, old_accumulation
         )
-        # Everything is checked: from here on, apply.
-        self._base.load_state_dict(state_dict)
+        # All or nothing: what only the loaders themselves check (the base and outer
+        # optimizers' state, the anchors' shapes) may still fail, and then nothing changed.
+        before = self.state_dict()
+        try:
+            self._apply_loaded(state_dict, entry, changed, window_start)
+        except Exception:
+            self._apply_loaded(*self._split(before))
+            raise
         warn_changes(self._settings, entry, changed)
+        self._ownership.closed = False
+        self._built_state = None  # a restored state keeps its own copies
+        self._broadcast.warn_if_replaced(self._model, self._clock)
+        self._run_load_state_dict_post_hooks()
+
+    def _split(
+        self, state_dict: dict[str, Any]
+    ) -> tuple[dict[str, Any], state_entry.Entry, list[str], int]:
+        """A state dict of this wrapper's as ``_apply_loaded``'s arguments."""
+        state_dict = dict(state_dict)
+        entry = state_entry.parse(state_dict.pop(state_entry.ENTRY_KEY))
+        return state_dict, entry, [], entry.counters["window_start"]
+
+    def _apply_loaded(
+        self,
+        base_state: dict[str, Any],
+        entry: state_entry.Entry,
+        changed: list[str],
+        window_start: int,
+    ) -> None:
+        self._base.load_state_dict(base_state)
         reschedule = "period" in changed or "warmup_steps" in changed
         self._clock.load(entry.counters, window_start, reschedule)
         if entry.outer is not None and self._rounds.outer is not None:
             self._rounds.outer.load_state_dict(entry.outer)
         self._stats.__init__(**entry.stats)  # type: ignore[misc]
         load_round_state(entry, changed, self._rounds.averager, self._rounds.local_averager)
-        self._ownership.closed = False
-        self._broadcast.warn_if_replaced(self._model, self._clock)
-        self._run_load_state_dict_post_hooks()

@@ -123,12 +123,18 @@ class Rounds:
             if averager is not None:
                 averager.set_anchor_from_tensors()
 
+    def forget_anchors(self) -> None:
+        """Drop the references for 16-bit deltas: the next round is in full precision."""
+        for averager in (self.averager, self.local_averager):
+            if averager is not None:
+                averager.load_anchor_tensors([])
+
     def _refresh_plan(self) -> None:
         entries = self.tracked()
         if plan_key(entries) != self._plan_key:
-            # Parameters were unfrozen, added, replaced or moved since the last round.
+            # Parameters were unfrozen, added, replaced or moved since the last round. Every
+            # rank rebuilds for itself; the round's header then checks that they agree.
             self._check_optimizer_holds(entries)
-            self.agree()
             self._build_averagers()
 
     def _check_optimizer_holds(self, entries: list[Tracked]) -> None:

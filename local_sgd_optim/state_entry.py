@@ -13,11 +13,11 @@ two-level and outer state. Older entries load with the defaults of what they lac
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from torch import Tensor
 
-from local_sgd_optim.checks import check_non_negative_int
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.settings import Settings
 
@@ -50,6 +50,7 @@ STATS = "stats"
 COUNTERS = ("micro_steps", OPTIMIZER_STEPS, "averaging_rounds", "last_round_step")
 LATER_COUNTERS = ("next_round_step", "local_rounds", "window_start")
 _PENDING_KEYS = {"step", "received", "sent"}
+_LIMIT = 2**62  # counters beyond this are crafted: no run takes that many steps
 
 
 @dataclasses.dataclass
@@ -125,8 +126,10 @@ def parse(ours: object) -> Entry:
             f"the state dict's 'local_sgd' entry must be a dict, got {type(ours).__name__}"
         )
     version = ours.get("version", VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version not in (1, 2, 3):
+        raise _bad(f"version must be 1, 2 or 3, got {version!r}")
     missing = [name for name in COUNTERS if name not in ours]
-    missing += Settings.missing_from_state(ours, version if isinstance(version, int) else VERSION)
+    missing += Settings.missing_from_state(ours, version)
     if missing:
         raise _bad(f"entry lacks {', '.join(missing)}")
     settings = Settings.from_state(ours)
@@ -135,35 +138,43 @@ def parse(ours: object) -> Entry:
         settings=settings,
         world_size=ours.get(WORLD_SIZE),
         stats=_stats(ours.get(STATS, {})),
-        anchor=_tensor_list(ours, ANCHOR),
-        local_anchor=_tensor_list(ours, LOCAL_ANCHOR),
+        anchor=_finite(_tensor_list(ours, ANCHOR), ANCHOR),
+        local_anchor=_finite(_tensor_list(ours, LOCAL_ANCHOR), LOCAL_ANCHOR),
         pending=_pending(ours.get(PENDING)),
         outer=_outer(ours.get(OUTER)),
     )
 
 
+def _counter(name: str, value: object, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < _LIMIT:
+        what = "non-negative" if minimum == 0 else "positive"
+        raise _bad(f"counter {name} must be a {what} integer below 2**62, got {value!r}")
+    return value
+
+
 def _counters(ours: dict[str, Any], period: object, warmup: object) -> dict[str, int]:
-    counters: dict[str, int] = {}
-    for name in COUNTERS:
-        value = ours[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _bad(f"counter {name} must be a non-negative integer, got {value!r}")
-        counters[name] = value
+    counters = {name: _counter(name, ours[name]) for name in COUNTERS}
     if counters["last_round_step"] > counters[OPTIMIZER_STEPS]:
         raise _bad(
             f"entry is inconsistent: last_round_step {counters['last_round_step']} is after "
             f"optimizer_steps {counters[OPTIMIZER_STEPS]}"
         )
-    try:
-        for name in ("local_rounds", "window_start"):
-            counters[name] = check_non_negative_int(name, ours.get(name, 0))
-    except ValueError as problem:
-        raise _bad(f"entry is invalid: {problem}") from None
+    for name in ("local_rounds", "window_start"):
+        counters[name] = _counter(name, ours.get(name, 0))
     steps = counters[OPTIMIZER_STEPS]
+    if counters["micro_steps"] < steps:
+        raise _bad(
+            f"entry is inconsistent: micro_steps {counters['micro_steps']} is fewer than "
+            f"optimizer_steps {steps} (each optimizer step takes at least one step() call)"
+        )
     if "next_round_step" in ours:
-        next_round = ours["next_round_step"]
-        if isinstance(next_round, bool) or not isinstance(next_round, int) or next_round < 1:
-            raise _bad(f"counter next_round_step must be a positive integer, got {next_round!r}")
+        next_round = _counter("next_round_step", ours["next_round_step"], minimum=1)
+        # A round at a step schedules the next after it (a disabled wrapper never rounds).
+        if counters["averaging_rounds"] and next_round <= steps:
+            raise _bad(
+                f"entry is inconsistent: next_round_step {next_round} is not after "
+                f"optimizer_steps {steps}"
+            )
     elif isinstance(period, int) and isinstance(warmup, int):
         # An older entry: rounds fell on multiples of the period after warm-up.
         next_round = warmup + period * (max(0, steps - warmup) // period + 1)
@@ -177,9 +188,19 @@ def _stats(stats: object) -> dict[str, Any]:
     fields = CommStats().as_dict()
     if not isinstance(stats, dict) or set(stats) - set(fields):
         raise _bad(f"stats must be a dict with keys {sorted(fields)}, got {stats!r}")
-    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in stats.values()):
-        raise _bad(f"stats must hold non-negative numbers, got {stats!r}")
+    if any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf
+        for v in stats.values()
+    ):
+        raise _bad(f"stats must hold non-negative finite numbers, got {stats!r}")
     return {**fields, **stats}
+
+
+def _finite(tensors: list[Tensor], key: str) -> list[Tensor]:
+    """Refuse a full-precision copy holding NaN or inf: every round would spread it."""
+    if not all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point()):
+        raise _bad(f"{key} holds non-finite values (NaN or inf); it would spread to every rank")
+    return tensors
 
 
 def _tensor_list(ours: dict[str, Any], key: str) -> list[Tensor]:

@@ -39,15 +39,56 @@ def tracked(
         yield Tracked("buffer", name, b, average_buffers and b.is_floating_point())
 
 
+def _distinct(entries: Sequence[Tracked], kinds: tuple[str, ...]) -> list[Tensor]:
+    """The averaged tensors of ``kinds``, each piece of memory once.
+
+    Two tensors that are the same view of one storage (``b.weight = nn.Parameter(a.weight.data)``:
+    two Parameter objects, one memory) are averaged once, as the first of them; views that
+    overlap only in part cannot be averaged consistently and are refused.
+
+    Raises:
+        ValueError: two averaged tensors overlap in part.
+    """
+    seen: dict[tuple[object, ...], str] = {}
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    distinct = []
+    for e in entries:
+        t = e.tensor
+        if not e.averaged or e.kind not in kinds:
+            continue
+        if t.numel() == 0:
+            distinct.append(t)
+            continue
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if key in seen:
+            continue
+        seen[key] = e.name
+        storage = t.untyped_storage().data_ptr()
+        start = int(t.storage_offset()) * t.element_size()
+        reach = 1 + sum((int(n) - 1) * int(s) for n, s in zip(t.shape, t.stride()))
+        end = start + reach * t.element_size()
+        for other_start, other_end, other in spans.get(storage, []):
+            if start < other_end and other_start < end:
+                raise ValueError(
+                    f"{e.kind} {e.name!r} and {other!r} share part of their memory; averaging "
+                    "them would count that part twice. Tie them as one Parameter object, or "
+                    "give each its own memory"
+                )
+        spans.setdefault(storage, []).append((start, end, e.name))
+        distinct.append(t)
+    return distinct
+
+
 def averaged_tensors(entries: Sequence[Tracked]) -> list[Tensor]:
-    """The tensors a round averages: parameters first, then buffers."""
-    return [e.tensor for e in entries if e.averaged]
+    """The tensors a round averages, each piece of memory once: parameters first, then
+    buffers."""
+    return _distinct(entries, ("parameter", "buffer"))
 
 
 def outer_sources(entries: Sequence[Tracked]) -> list[Tensor]:
     """The averaged parameters, which an outer optimizer steps: the first of
     :func:`averaged_tensors`, in the same order."""
-    return [e.tensor for e in entries if e.averaged and e.kind == "parameter"]
+    return _distinct(entries, ("parameter",))
 
 
 def plan_key(entries: Sequence[Tracked]) -> tuple[Hashable, ...]:

@@ -208,9 +208,9 @@ def _quadratic_sync_rounds() -> list[int]:
 def test_warmup_is_data_parallel_then_local(ranks: Any, wrap_ddp: bool, accumulation: int) -> None:
     r0, r1 = ranks.run(_warmup, wrap_ddp, accumulation)
     n = sum(p.numel() for p in mlp().parameters())
-    # The gradients, and on a plain module the header before them (2 ranks x 5 int64 slots);
+    # The gradients, and on a plain module the header before them (2 ranks x 6 int64 slots);
     # DDP's own bucket carries no header.
-    per_step = n * 4 + (0 if wrap_ddp else 2 * 5 * 8)
+    per_step = n * 4 + (0 if wrap_ddp else 2 * 6 * 8)
     for step, (a, b) in enumerate(zip(r0["trace"], r1["trace"])):
         if step < 3:
             assert torch.equal(a["params"], b["params"])  # bitwise, after every warm-up step

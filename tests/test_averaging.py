@@ -18,8 +18,9 @@ KIB = 1 / 1024  # bucket_cap_mb for a bucket of 1 KiB
 
 # --- functions run on every rank -----------------------------------------------------------
 
-# The header before every round: 2 ranks x 5 int64 slots (what, step, flag, fingerprint, changed).
-HEADER_BYTES = 2 * 5 * 8
+# The header before every round: 2 ranks x 6 int64 slots (what, step, flag, fingerprint,
+# changed, plan).
+HEADER_BYTES = 2 * 6 * 8
 
 
 def _learnable_loss(model: Any, rank: int, step: int) -> Tensor:

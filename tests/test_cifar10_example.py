@@ -112,7 +112,7 @@ def test_runs_learns_and_reports(runs: dict[str, Any]) -> None:
     assert train[-1]["averaging_rounds"] == 6
     model = _load(runs["full"] / "final_model.pt")
     model_bytes = sum(t.numel() * 4 for t in model.values() if t.is_floating_point())
-    header = 2 * 5 * 8  # 2 ranks x 5 int64 slots
+    header = 2 * 6 * 8  # 2 ranks x 6 int64 slots
     per_round, remainder = divmod(evals[-1]["bytes_communicated"] - header, 6)
     assert remainder == 0 and model_bytes <= per_round <= model_bytes + 1024
     summary = re.search(

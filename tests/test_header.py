@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from local_sgd_optim import RoundError
-from local_sgd_optim.comm.header import HeaderView, RoundHeader
+from local_sgd_optim.comm.header import TOO_LARGE, HeaderView, RoundHeader
 
 
 def _summed(world: int, kinds: list[str], steps: list[int], flags: list[bool]) -> HeaderView:
@@ -23,7 +23,7 @@ def test_every_rank_reads_every_ranks_slots_exactly() -> None:
     view = _summed(4, ["round", "close()", "average()", "local round"], steps, [0, 1, 0, 1])
     assert view.steps == steps
     assert view.kinds == ["round", "close()", "average()", "local round"]
-    assert view.flags == [False, True, False, True]
+    assert view.flags == [0, 1, 0, 1]
     assert view.fingerprints == [1000, 1001, 1002, 1003]
     assert view.changed == [True, False, True, False]
 
@@ -50,11 +50,28 @@ def test_the_finite_verdict_applies_skips_or_raises() -> None:
 
 def test_identical_ranks_raise_only_when_every_rank_changed() -> None:
     header = RoundHeader(None, 2, 0, "raise")
-    same = HeaderView(["round"] * 2, [8, 8], [False] * 2, [7, 7], [True, True])
+    same = HeaderView(["round"] * 2, [8, 8], [0] * 2, [7, 7], [True, True], [5, 5])
     with pytest.raises(RoundError, match=r"bitwise identical parameters .*attach_ddp"):
         header.check_diverged(same, 8)
-    header.check_diverged(HeaderView(["round"] * 2, [8] * 2, [False] * 2, [7, 7], [True, False]), 8)
-    header.check_diverged(HeaderView(["round"] * 2, [8] * 2, [False] * 2, [7, 6], [True, True]), 8)
-    RoundHeader(None, 1, 0, "raise").check_diverged(
-        HeaderView(["round"], [8], [False], [7], [True]), 8
+    header.check_diverged(
+        HeaderView(["round"] * 2, [8] * 2, [0] * 2, [7, 7], [True, False], [5, 5]), 8
     )
+    header.check_diverged(
+        HeaderView(["round"] * 2, [8] * 2, [0] * 2, [7, 6], [True, True], [5, 5]), 8
+    )
+    RoundHeader(None, 1, 0, "raise").check_diverged(
+        HeaderView(["round"], [8], [0], [7], [True], [5]), 8
+    )
+
+
+def test_ranks_that_average_different_tensors_raise_alike() -> None:
+    header = RoundHeader(None, 2, 0, "raise")
+    differ = HeaderView(["round"] * 2, [8, 8], [0] * 2, [7, 6], [False] * 2, [5, 6])
+    with pytest.raises(RoundError, match=r"average different tensors .*add_param_group"):
+        header.check(differ, 8)
+
+
+def test_a_delta_too_large_for_float16_raises_whatever_on_nonfinite_says() -> None:
+    view = HeaderView(["round"] * 2, [8, 8], [TOO_LARGE, 0], [7, 6], [False] * 2, [5, 5])
+    with pytest.raises(RoundError, match=r"does not fit float16 .*bfloat16"):
+        RoundHeader(None, 2, 0, "skip").finite_verdict(view, 8)

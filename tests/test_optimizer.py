@@ -341,7 +341,7 @@ def test_loads_a_version_one_checkpoint_with_default_communication_settings() ->
     for key in ("next_round_step", "local_rounds", "warmup_steps", "local_period"):
         del old["local_sgd"][key]
     old["local_sgd"]["version"] = 1
-    old["local_sgd"]["optimizer_steps"] = 9
+    old["local_sgd"]["optimizer_steps"] = old["local_sgd"]["micro_steps"] = 9
     opt.load_state_dict(old)
     assert opt.optimizer_steps == 9 and opt.comm_dtype is None and opt.overlap_steps == 0
     assert opt.next_round_step == 12  # rounds on multiples of the period, as version 1 had them

@@ -10,10 +10,13 @@ saves its own file. A checkpoint is a directory ``step-00000120/`` under a root 
 Each ``rankN.pt`` is written to a temporary file in the same directory, flushed, synced and
 renamed into place, so a crash never leaves a half-written ``rankN.pt``. Rank 0 writes
 ``COMPLETE`` (JSON: step, world size, each file's length and SHA-256) only once every rank's file
-is on disk, and older complete checkpoints are deleted only after that. :func:`latest` skips
-checkpoints without the marker or with a file of the wrong length; :func:`load` checks the
-SHA-256 and reads with ``torch.load(..., weights_only=True)``, so a checkpoint from elsewhere
-cannot run code. :func:`save` refuses anything that such loading would refuse, before writing.
+is on disk, and older complete checkpoints are deleted only after that. Saving again at a step
+that has a complete checkpoint writes the new set beside it and swaps it in once complete, so
+the old one stays until then. :func:`latest` skips checkpoints without the marker or with a file
+of the wrong length; :func:`load` checks the SHA-256 and reads with
+``torch.load(..., weights_only=True)``, so a checkpoint from elsewhere cannot run code.
+:func:`save` refuses anything that such loading would refuse, before writing. Neither follows a
+symbolic link or opens anything but a regular file inside the directory.
 
 The layout of ``state`` this module expects (other keys are saved and loaded as they are)::
 
@@ -31,13 +34,14 @@ The directory must be on a file system that every rank sees (on several nodes, a
 """
 
 # The parts, each importing only those below it:
-#   saving   save(): validate, write this rank's file, complete the set, prune
-#   loading  latest() and load(): find a usable checkpoint, read a file verified
-#   reshard  reshard_state_dicts(): average per-rank states for another world size
-#   rng      rng_state() and set_rng_state(): random states as tensors and plain containers
-#   layout   directory and file names, the COMPLETE marker, which checkpoints are usable
-#   files    one file written atomically and durably, and its SHA-256
-#   ranks    this call's rank and world size, and exchanging small objects between ranks
+#   saving       save(): validate, write this rank's file, complete the set, prune
+#   loading      latest() and load(): find a usable checkpoint, read a file verified
+#   reshard      reshard_state_dicts(): average per-rank states for another world size
+#   rng          rng_state() and set_rng_state(): random states as tensors and plain containers
+#   directories  where save() writes, swapping a re-saved step in, pruning; never via links
+#   layout       directory and file names, the COMPLETE marker, which checkpoints are usable
+#   files        one file written atomically, regular files opened safely, SHA-256
+#   ranks        this call's rank and world size, and exchanging small objects between ranks
 
 from __future__ import annotations
 

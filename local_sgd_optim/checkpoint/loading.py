@@ -3,19 +3,27 @@
 :func:`latest` judges checkpoints cheaply (the marker and the files' lengths); :func:`load`
 checks the chosen file's SHA-256 against the marker and reads it with
 ``torch.load(..., weights_only=True)``, resharding when asked to and the world size differs.
+Both look only at real directories and regular files, and read no more than the marker
+records: a planted link or FIFO is reported, never followed or waited on.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from local_sgd_optim.checkpoint.files import digest
+from local_sgd_optim.checkpoint.files import (
+    IrregularFile,
+    archive_problem,
+    digest_file,
+    open_regular,
+)
 from local_sgd_optim.checkpoint.layout import (
     COMPLETE,
     STEP_DIR,
@@ -36,7 +44,8 @@ def latest(directory: PathLike) -> tuple[int, Path] | None:
 
     Checkpoints without a ``COMPLETE`` marker (the run stopped while writing them), with a
     missing file or one whose length differs from the marker's (truncated) are skipped, with a
-    warning naming them. The SHA-256 is checked by :func:`load`.
+    warning naming them, and so are symbolic links and anything but regular files in place of
+    a checkpoint directory, a file or the marker. The SHA-256 is checked by :func:`load`.
 
     Args:
         directory (str or PathLike): the root passed to :func:`save`.
@@ -46,8 +55,12 @@ def latest(directory: PathLike) -> tuple[int, Path] | None:
         >>> found = checkpoint.latest("ckpt")
         >>> start = 0 if found is None else found[0]
     """
-    for step, path in step_directories(Path(directory)):
-        problem = problem_with(path)
+    for step, path in step_directories(Path(directory), links=True):
+        problem = (
+            f"{path} is a symbolic link; checkpoints are read only from directories"
+            if path.is_symlink()
+            else problem_with(path)
+        )
         if problem is None:
             return step, path
         warnings.warn(f"skipping an unusable checkpoint: {problem}", stacklevel=2)
@@ -65,7 +78,9 @@ def load(
     """Read this rank's state from a checkpoint written by :func:`save`.
 
     The file's length and SHA-256 are checked against the ``COMPLETE`` marker, and it is read
-    with ``torch.load(..., weights_only=True)``.
+    with ``torch.load(..., weights_only=True)``. Only regular files are read, never through a
+    symbolic link, and no more of them than the marker records. The path you pass may be
+    reached through links; what is found inside it may not.
 
     A checkpoint written by another number of ranks cannot be continued exactly: between rounds
     each rank's model and optimizer state differ. That is a ``ValueError`` unless ``reshard``
@@ -86,10 +101,10 @@ def load(
 
     Raises:
         FileNotFoundError: ``directory`` holds no complete checkpoint.
-        ValueError: the checkpoint is incomplete, a file is truncated or corrupted (the message
-            names it and the previous checkpoint still there), a file holds something other
-            than tensors and plain containers, or the world size differs and ``reshard`` is
-            ``False``.
+        ValueError: the checkpoint is incomplete, a file is missing, truncated or corrupted,
+            is not a regular file, or holds something other than tensors and plain containers
+            (the message names it and the previous checkpoint still there), or the world size
+            differs and ``reshard`` is ``False``.
 
     Example::
 
@@ -125,7 +140,7 @@ def _other_world_size(path: Path, old_world: int, world_size: int) -> ValueError
 
 def _resolve(directory: Path) -> Path:
     """The checkpoint in ``directory``: itself if it is a ``step-*`` one, else the newest there."""
-    if STEP_DIR.match(directory.name) or (directory / COMPLETE).exists():
+    if STEP_DIR.match(directory.name) or os.path.lexists(directory / COMPLETE):
         return directory
     found = latest(directory)
     if found is None:
@@ -149,23 +164,63 @@ def _read_verified(
     """Rank ``rank``'s state, once its length and SHA-256 match the marker's."""
     file = path / rank_file(rank)
     expected = marker["files"][file.name]
-    if not file.exists():
-        raise ValueError(f"checkpoint file {file} is missing. {_previous(path)}")
-    length, sha256 = digest(file)
-    if (length, sha256) != (expected["bytes"], expected["sha256"]):
-        raise ValueError(
-            f"checkpoint file {file} is truncated or corrupted: {length} bytes with SHA-256 "
-            f"{sha256[:16]}..., but its {COMPLETE} marker records {expected['bytes']} bytes with "
-            f"SHA-256 {expected['sha256'][:16]}.... {_previous(path)}"
-        )
     try:
-        state = torch.load(file, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as problem:
+        opened = open_regular(file)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file {file} is missing. {_previous(path)}") from None
+    except IrregularFile as irregular:
         raise ValueError(
-            f"checkpoint file {file} holds objects other than tensors and plain containers, "
-            "which torch.load(weights_only=True) refuses: loading them could run code. "
-            f"({problem})"
-        ) from problem
+            f"checkpoint file {file} is {irregular.kind}, not a regular file: checkpoints are "
+            f"read only from regular files in their directory. {_previous(path)}"
+        ) from None
+    with opened:
+        found = _differs(opened, expected)
+        if found is not None:
+            raise ValueError(
+                f"checkpoint file {file} is truncated or corrupted: {found}, but its "
+                f"{COMPLETE} marker records {expected['bytes']} bytes with SHA-256 "
+                f"{expected['sha256'][:16]}.... {_previous(path)}"
+            )
+        opened.seek(0)
+        state = _torch_load(opened, file, map_location)
     if not isinstance(state, dict):
-        raise ValueError(f"checkpoint file {file} holds a {type(state).__name__}, not a dict")
+        raise ValueError(
+            f"checkpoint file {file} holds a {type(state).__name__}, not a dict. " + _previous(path)
+        )
     return state
+
+
+def _differs(opened: IO[bytes], expected: dict[str, Any]) -> str | None:
+    """What ``opened`` holds, if its length or SHA-256 differs from ``expected``; it is hashed
+    only when the length matches, reading no more than that."""
+    size = os.fstat(opened.fileno()).st_size
+    if size != expected["bytes"]:
+        return f"{size} bytes"
+    length, sha256 = digest_file(opened, limit=size)
+    if (length, sha256) == (size, expected["sha256"]):
+        return None
+    return f"{length} bytes with SHA-256 {sha256[:16]}..."
+
+
+def _torch_load(opened: IO[bytes], file: Path, map_location: Any) -> Any:
+    """``torch.load(..., weights_only=True)`` of ``opened``; a damaged archive, or objects it
+    refuses, as a ValueError naming ``file``. Any other failure is raised as it is."""
+    try:
+        return torch.load(opened, map_location=map_location, weights_only=True)
+    except Exception as problem:
+        damage = archive_problem(opened)
+        said = str(problem).strip().splitlines()[0][:300] if str(problem).strip() else ""
+        if damage is not None:
+            raise ValueError(
+                f"checkpoint file {file} is truncated or corrupted: {damage}, although its "
+                f"length and SHA-256 match its {COMPLETE} marker (the marker was rewritten, or "
+                f"the bytes went bad before they were hashed); torch.load raised "
+                f"{type(problem).__name__}: {said}. {_previous(file.parent)}"
+            ) from problem
+        if isinstance(problem, pickle.UnpicklingError):
+            raise ValueError(
+                f"checkpoint file {file} holds objects other than tensors and plain "
+                "containers, which torch.load(weights_only=True) refuses: loading them could "
+                f"run code. {_previous(file.parent)} ({problem})"
+            ) from problem
+        raise

@@ -14,6 +14,7 @@ magnitude. Overlapped rounds (``overlap=True``) live in :mod:`~local_sgd_optim.c
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,9 +27,9 @@ from local_sgd_optim.checks import check_on_nonfinite
 from local_sgd_optim.comm.buckets import cut_into_buckets, group_by_device_and_dtype, pool_plan
 from local_sgd_optim.comm.collectives import MB, POOL_SLOTS, pipeline, start_all_reduce, wait
 from local_sgd_optim.comm.groups import group_rank, group_size
-from local_sgd_optim.comm.header import RoundHeader
+from local_sgd_optim.comm.header import NONFINITE, TOO_LARGE, RoundHeader
 from local_sgd_optim.comm.overlap import InFlightRound, Piece
-from local_sgd_optim.comm.packing import pack, unpack
+from local_sgd_optim.comm.packing import delta_fits_float16, pack, unpack
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.comm.tensors import copy_all, finite_and_fingerprint, shaped_views
 
@@ -64,7 +65,7 @@ class BucketedAverager:
             warning; either way no tensor is changed (default: ``"raise"``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
-    ``5 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
+    ``6 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
     doing the same thing at the same ``step`` and that no rank's tensors hold NaN or inf; it
     costs one read of the tensors and that small collective.
 
@@ -111,6 +112,12 @@ class BucketedAverager:
         self._previous_user = [-1] * len(self.buckets)
         self._anchors: list[Tensor | None] = [None] * len(groups)
         self._fingerprint: int | None = None  # this rank's, at its last round
+        # What this averager averages, comparable across ranks: shapes and dtypes in order.
+        described = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+        self.plan = (
+            int.from_bytes(hashlib.blake2b(described, digest_size=8).digest(), "little") >> 2
+        )
+        self._skipped = 0  # rounds in a row skipped for non-finite values
         self._allocate()
         self._in_flight = InFlightRound(self.buckets, self.world_size, process_group, self.stats)
 
@@ -230,10 +237,16 @@ class BucketedAverager:
         finite, fingerprint = finite_and_fingerprint(self._tensors)
         previous, self._fingerprint = self._fingerprint, fingerprint
         changed = check_diverged and previous is not None and fingerprint != previous
-        view = self.header.exchange(kind, step, not finite, fingerprint, changed)
+        fits = not self.anchored or all(
+            delta_fits_float16(b, self.world_size) for b in self.buckets
+        )
+        flag = NONFINITE if not finite else (0 if fits else TOO_LARGE)
+        view = self.header.exchange(kind, step, flag, fingerprint, changed, self.plan)
         self.header.check(view, step)
-        if not self.header.finite_verdict(view, step):
+        if not self.header.finite_verdict(view, step, self._skipped):
+            self._skipped += 1
             return False
+        self._skipped = 0
         self.header.check_diverged(view, step)
         return True
 
@@ -275,7 +288,7 @@ class BucketedAverager:
     def _pipelined_round(self, step: int) -> None:
         def start(i: int) -> dist.Work:
             b = self.buckets[i]
-            pack(b, b.payload, b.payload_views)
+            pack(b, b.payload, b.payload_views, self.world_size)
             return start_all_reduce(b.wire, self.process_group, self.stats, step)
 
         def land(i: int, work: dist.Work) -> bool:
@@ -297,8 +310,12 @@ class BucketedAverager:
             else:
                 wire, views = b.wire, b.payload_views
             copy_all(views, b.sources)
+            first = b.prescaled and not b.delta  # float16 on the wire: divide before the sum
+            if first:
+                wire.div_(self.world_size)
             wait(start_all_reduce(wire, self.process_group, self.stats, step), self.stats, step)
-            wire.div_(self.world_size)
+            if not first:
+                wire.div_(self.world_size)
             copy_all(b.sources, views)
             if b.delta:
                 assert b.anchor is not None

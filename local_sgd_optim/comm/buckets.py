@@ -64,6 +64,12 @@ class Bucket:
         return self.wire_dtype != self.dtype
 
     @property
+    def prescaled(self) -> bool:
+        """Whether each rank divides by the world size before the sum rather than after: for
+        float16 on the wire, whose sum of N values near its top (65504) would overflow."""
+        return self.wire_dtype == torch.float16
+
+    @property
     def wire_bytes(self) -> int:
         """Bytes on the wire."""
         return self.numel * self.wire_dtype.itemsize

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from local_sgd_optim.comm.groups import collective_device
 from local_sgd_optim.comm.stats import CommStats, RoundError
 
-__all__ = ["KINDS", "HeaderView", "RoundHeader"]
+__all__ = ["KINDS", "MAX_SKIPPED_ROUNDS", "NONFINITE", "TOO_LARGE", "HeaderView", "RoundHeader"]
 
 # What a rank can be about to do, by code: 0 stays free (a rank that wrote nothing).
 KINDS = {
@@ -31,9 +31,16 @@ KINDS = {
     "average()": 3,
     "close()": 4,
     "gradient average": 5,
+    "add_param_group()": 6,
+    "first step()": 7,
 }
 _NAMES = {code: name for name, code in KINDS.items()}
-_SLOTS = 5  # kind, step, flag, fingerprint, changed
+_SLOTS = 6  # kind, step, flag, fingerprint, changed, plan
+# The flag of a round: this rank's tensors hold NaN or inf, or its float16 deltas would not fit.
+NONFINITE = 1
+TOO_LARGE = 2
+# With on_nonfinite="skip", this many rounds in a row skipped for non-finite values raise.
+MAX_SKIPPED_ROUNDS = 4
 
 
 @dataclass
@@ -43,9 +50,11 @@ class HeaderView:
     Args:
         kinds (list of str): what each rank is about to do.
         steps (list of int): each rank's optimizer step.
-        flags (list of bool): each rank's flag (non-finite values; at close: a round is due).
+        flags (list of int): each rank's flag (``NONFINITE``, ``TOO_LARGE`` or 0 at a round;
+            at ``close()``: 1 when a final round is due).
         fingerprints (list of int): each rank's fingerprint of its averaged tensors.
         changed (list of bool): whether each rank's tensors changed since its last round.
+        plans (list of int): each rank's digest of what it averages (shapes and dtypes).
 
     Example::
 
@@ -56,9 +65,10 @@ class HeaderView:
 
     kinds: list[str]
     steps: list[int]
-    flags: list[bool]
+    flags: list[int]
     fingerprints: list[int]
     changed: list[bool]
+    plans: list[int]
 
 
 class RoundHeader:
@@ -98,12 +108,18 @@ class RoundHeader:
         self.numel = world_size * _SLOTS
 
     def encode(
-        self, kind: str, step: int, flag: bool, fingerprint: int = 0, changed: bool = False
+        self,
+        kind: str,
+        step: int,
+        flag: int,
+        fingerprint: int = 0,
+        changed: bool = False,
+        plan: int = 0,
     ) -> torch.Tensor:
         """This rank's header: its own slots filled, the others zero."""
         mine = torch.zeros(self.numel, dtype=torch.int64)
         mine[self.rank * _SLOTS : (self.rank + 1) * _SLOTS] = torch.tensor(
-            [KINDS[kind], step, int(flag), fingerprint, int(changed)], dtype=torch.int64
+            [KINDS[kind], step, int(flag), fingerprint, int(changed), plan], dtype=torch.int64
         )
         return mine
 
@@ -113,13 +129,20 @@ class RoundHeader:
         return HeaderView(
             kinds=[_NAMES.get(int(v[0]), "nothing") for v in values],
             steps=[int(v[1]) for v in values],
-            flags=[bool(v[2]) for v in values],
+            flags=[int(v[2]) for v in values],
             fingerprints=[int(v[3]) for v in values],
             changed=[bool(v[4]) for v in values],
+            plans=[int(v[5]) for v in values],
         )
 
     def exchange(
-        self, kind: str, step: int, flag: bool, fingerprint: int = 0, changed: bool = False
+        self,
+        kind: str,
+        step: int,
+        flag: int,
+        fingerprint: int = 0,
+        changed: bool = False,
+        plan: int = 0,
     ) -> HeaderView:
         """All-reduce this rank's header with the others' (blocking); every rank's slots.
 
@@ -127,7 +150,7 @@ class RoundHeader:
             RoundError: the collective failed (a rank exited or timed out).
         """
         device = collective_device(self.process_group, self._device)
-        wire = self.encode(kind, step, flag, fingerprint, changed).to(device)
+        wire = self.encode(kind, step, flag, fingerprint, changed, plan).to(device)
         self.stats.bytes_communicated += wire.numel() * wire.element_size()
         began = time.perf_counter()
         try:
@@ -157,10 +180,30 @@ class RoundHeader:
                 "same number of batches, e.g. DistributedSampler with drop_last=True); "
                 "nothing was averaged"
             )
+        if len(set(view.plans)) > 1:
+            raise RoundError(
+                f"the ranks average different tensors at the {view.kinds[0]} of step {step}: "
+                "a parameter was added (add_param_group), unfrozen, replaced or reshaped on "
+                "some ranks only. Every rank must change the model and the optimizer the same "
+                "way at the same step; nothing was averaged"
+            )
 
-    def finite_verdict(self, view: HeaderView, step: int) -> bool:
+    def finite_verdict(self, view: HeaderView, step: int, skipped: int = 0) -> bool:
         """Whether a round may be applied given the ranks' non-finite flags; raises (on every
-        rank alike) with ``on_nonfinite="raise"``, warns and returns ``False`` with ``"skip"``."""
+        rank alike) with ``on_nonfinite="raise"``, warns and returns ``False`` with ``"skip"``.
+
+        ``skipped`` rounds in a row were skipped before this one: with ``"skip"``, the
+        :data:`MAX_SKIPPED_ROUNDS`-th more raises too (a rank whose parameters hold NaN does not
+        recover by local steps), and so does ``close()``, whose round must leave every rank
+        with the same values."""
+        too_large = [r for r, flag in enumerate(view.flags) if flag == TOO_LARGE]
+        if too_large:
+            raise RoundError(
+                f"the change since the last round on rank(s) {', '.join(map(str, too_large))} at "
+                f"step {step} does not fit float16 (at most 65504 after dividing by the "
+                "world size); the round was not applied, so no rank's values changed. Use "
+                "comm_dtype=torch.bfloat16 (the float32 range) or full precision"
+            )
         nonfinite = [r for r, flag in enumerate(view.flags) if flag]
         if not nonfinite:
             return True
@@ -173,6 +216,17 @@ class RoundHeader:
             raise RoundError(
                 message + ". Lower the learning rate or clip gradients, or pass "
                 "on_nonfinite='skip' to skip such rounds with a warning"
+            )
+        if "close()" in view.kinds:
+            raise RoundError(
+                message + ". close() cannot skip its round: it would leave the ranks with "
+                "different values. Restore the rank(s) from a checkpoint"
+            )
+        if skipped + 1 >= MAX_SKIPPED_ROUNDS:
+            raise RoundError(
+                message + f". That makes {skipped + 1} rounds in a row skipped for non-finite "
+                "values: the rank does not recover by itself. Restore it from a checkpoint, "
+                "lower the learning rate or clip gradients"
             )
         warnings.warn(message, RuntimeWarning, stacklevel=5)
         return False

@@ -97,7 +97,7 @@ class InFlightRound:
         works = []
         for b in self.buckets:
             assert b.sent is not None
-            pack(b, b.sent, b.sent_views)
+            pack(b, b.sent, b.sent_views, self.world_size)
             b.payload.copy_(b.sent)
             works.append(start_all_reduce(b.wire, self.process_group, self.stats, step))
         self._works = works
@@ -119,7 +119,7 @@ class InFlightRound:
             if b.delta:
                 means = b.anchor_views  # the last values plus the mean delta
             else:
-                if not self._payload_scaled:
+                if not self._payload_scaled and not b.prescaled:
                     b.payload.mul_(1.0 / self.world_size)
                 means = b.payload_views
             for source, mean, (index, offset) in zip(b.sources, means, b.origins):

@@ -13,18 +13,28 @@ from torch import Tensor
 from local_sgd_optim.comm.buckets import Bucket
 from local_sgd_optim.comm.tensors import copy_all
 
-__all__ = ["apply_overlapped", "pack", "unpack"]
+__all__ = ["apply_overlapped", "delta_fits_float16", "pack", "unpack"]
 
 
-def pack(b: Bucket, payload: Tensor, payload_views: list[Tensor]) -> None:
-    """Write what ``b`` sends into ``payload``: its values, or their delta from the anchor."""
+def pack(b: Bucket, payload: Tensor, payload_views: list[Tensor], world_size: int) -> None:
+    """Write what ``b`` sends into ``payload``: its values, or their delta from the anchor
+    (divided by ``world_size`` already for a :attr:`~Bucket.prescaled` bucket)."""
     if b.delta:
         assert b.scratch is not None and b.anchor is not None
         copy_all(b.scratch_views, b.sources)
         b.scratch.sub_(b.anchor)
+        if b.prescaled:
+            b.scratch.div_(world_size)
         payload.copy_(b.scratch)
     else:
         copy_all(payload_views, b.sources)
+        if b.prescaled:
+            payload.div_(world_size)
+
+
+def _scale(b: Bucket, world_size: int) -> float:
+    """What the summed payload is multiplied by to give the mean."""
+    return 1.0 if b.prescaled else 1.0 / world_size
 
 
 def unpack(b: Bucket, world_size: int) -> None:
@@ -32,10 +42,11 @@ def unpack(b: Bucket, world_size: int) -> None:
     if b.delta:
         assert b.scratch is not None and b.anchor is not None
         b.scratch.copy_(b.payload)
-        b.anchor.add_(b.scratch, alpha=1.0 / world_size)
+        b.anchor.add_(b.scratch, alpha=_scale(b, world_size))
         copy_all(b.sources, b.anchor_views)
     else:
-        b.payload.div_(world_size)
+        if not b.prescaled:
+            b.payload.div_(world_size)
         copy_all(b.sources, b.payload_views)
 
 
@@ -43,14 +54,25 @@ def apply_overlapped(b: Bucket, world_size: int) -> None:
     """``source <- source - (what this rank sent) + (mean of what every rank sent)``; for deltas
     the anchor moves by the mean delta as well."""
     assert b.sent is not None
-    scale = 1.0 / world_size
+    scale = _scale(b, world_size)
+    own = float(world_size) if b.prescaled else 1.0  # what this rank sent, undivided
     if b.delta:
         assert b.scratch is not None and b.anchor is not None
         b.scratch.copy_(b.payload)
         b.anchor.add_(b.scratch, alpha=scale)
         torch._foreach_add_(b.sources, b.scratch_views, alpha=scale)
         b.scratch.copy_(b.sent)
-        torch._foreach_sub_(b.sources, b.scratch_views)
+        torch._foreach_add_(b.sources, b.scratch_views, alpha=-own)
     else:
-        torch._foreach_sub_(b.sources, b.sent_views)
+        torch._foreach_add_(b.sources, b.sent_views, alpha=-own)
         torch._foreach_add_(b.sources, b.payload_views, alpha=scale)
+
+
+def delta_fits_float16(b: Bucket, world_size: int) -> bool:
+    """Whether ``b``'s delta, divided by ``world_size``, fits float16 (at most 65504): one read
+    of the sources and the anchor, for buckets that send float16 deltas."""
+    if not (b.delta and b.prescaled) or b.anchor is None:
+        return True
+    moved = torch._foreach_sub(b.sources, b.anchor_views)
+    largest = max(float(n) for n in torch._foreach_norm(moved, float("inf")))
+    return largest / world_size <= torch.finfo(torch.float16).max
