@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,9 @@ from torch.optim import Optimizer
 from local_sgd_optim import state_entry
 from local_sgd_optim.agreement import agree_across_ranks
 from local_sgd_optim.comm.averager import BucketedAverager
-from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.comm.collectives import broadcast_tensors
+from local_sgd_optim.comm.header import HeaderView
+from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 from local_sgd_optim.tracked import Tracked, averaged_tensors, describe, outer_sources, plan_key
@@ -122,6 +124,46 @@ class Rounds:
         for averager in (self.averager, self.local_averager):
             if averager is not None:
                 averager.set_anchor_from_tensors()
+
+    def signature(self) -> list[tuple[int, int]]:
+        """The averaged parameters' versions and memory: changes when weights are loaded."""
+        # Parameters only: a forward in training mode updates buffers (BatchNorm statistics)
+        # before the first step() sees them.
+        return [(t._version, t.data_ptr()) for t in outer_sources(self.tracked())]
+
+    def follow_loaded(
+        self, built: list[tuple[int, int]], exchange: Callable[[str, int, int], HeaderView]
+    ) -> None:
+        """At the first ``step()``: if weights were loaded into the model since construction
+        (fine-tuning from pretrained weights) and no optimizer state was loaded, broadcast and
+        take the copies again as construction would have, so that both orders train alike.
+        ``exchange`` runs the header collective."""
+        if built == self.signature():
+            return
+        if self.communicates:
+            # Ranks that changed the model do this together; one that did it alone meets
+            # another rank's round in the header instead, and every rank raises.
+            header = exchange("first step()", 0, 0)
+            self.averager_header_check(header)
+            if self._settings.broadcast_initial:
+                params = outer_sources(self.tracked())
+                broadcast_tensors(params, self._process_group, self._settings.bucket_cap_mb)
+            # Buffers may differ after a forward: the next round sets the anchors afresh.
+            self.forget_anchors()
+        self.build_outer()
+
+    def averager_header_check(self, view: HeaderView) -> None:
+        """Raise on every rank if the ranks are not all at their first step together."""
+        kinds = set(zip(view.kinds, view.steps))
+        if len(kinds) > 1:
+            at = ", ".join(
+                f"rank {r} at {k} of step {s}"
+                for r, (k, s) in enumerate(zip(view.kinds, view.steps))
+            )
+            raise RoundError(
+                f"ranks are out of step ({at}): weights were loaded into the model after the "
+                "LocalSGDOptimizer was built on some ranks only. Load them on every rank"
+            )
 
     def forget_anchors(self) -> None:
         """Drop the references for 16-bit deltas: the next round is in full precision."""
