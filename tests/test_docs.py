@@ -36,7 +36,9 @@ PUBLIC_MODULES = [
     "local_sgd_optim",
     "local_sgd_optim.accelerate",
     "local_sgd_optim.checkpoint",
+    "local_sgd_optim.lightning",
     "local_sgd_optim.schedules",
+    "local_sgd_optim.transformers",
 ]
 _EMPTY = inspect.Parameter.empty
 _OPTIMIZER_ATTRIBUTES = ("param_groups", "state", "defaults")
