@@ -40,71 +40,30 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import textwrap
 import time
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # Run from a checkout: tests/ for _lm (shared with the test), the root for local_sgd_optim.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(_ROOT, "tests"), _ROOT]
 import _lm  # noqa: E402
+import _ranks  # noqa: E402
 
 WORLD_SIZE = 4
 TARGET = 0.02  # DiLoCo H=32 within 2% of DDP's held-out loss
 TARGET_RATIO = 30  # with at least 30x fewer bytes
 
 
-def _worker(
-    rank: int, init_file: str, out: str, runs: list[tuple[str, int]], hyper: _lm.Hyper
-) -> None:
-    torch.set_num_threads(1)  # 4 ranks share the machine's cores
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=300),
-    )
-    try:
-        results = []
-        for method, seed in runs:
-            mine = _lm.train(method, seed, hyper)
-            everyone: list[Any] = [None] * WORLD_SIZE
-            dist.all_gather_object(everyone, mine)
-            results.append(everyone)
-            if rank == 0:
-                print(
-                    f"  {method}, seed {seed}: held-out {mine['held_out_loss']:.4f}, "
-                    f"{mine['seconds']:.1f} s",
-                    flush=True,
-                )
-        if rank == 0:
-            with open(out, "w") as f:
-                json.dump(results, f)
-        dist.barrier()  # avoids torch 2.14's exit-time gloo abort (README)
-    finally:
-        dist.destroy_process_group()
+def _progress(method: str, seed: int, mine: dict[str, Any]) -> str:
+    return f"  {method}, seed {seed}: held-out {mine['held_out_loss']:.4f}, {mine['seconds']:.1f} s"
 
 
 def run_all(methods: list[str], seeds: list[int], hyper: _lm.Hyper) -> list[list[dict]]:
     """Spawn 4 gloo ranks and train every (method, seed); return the per-rank results."""
-    runs = [(m, s) for s in seeds for m in methods]
-    with tempfile.TemporaryDirectory(prefix="convergence_lm_") as tmp:
-        out = os.path.join(tmp, "results.json")
-        mp.spawn(
-            _worker,
-            args=(os.path.join(tmp, "store"), out, runs, hyper),
-            nprocs=WORLD_SIZE,
-            join=True,
-        )
-        with open(out) as f:
-            return json.load(f)
+    return _ranks.run_all(_lm.train, methods, seeds, hyper, WORLD_SIZE, _progress)
 
 
 def summarise(results: list[list[dict]], methods: list[str]) -> list[dict[str, Any]]:

@@ -450,7 +450,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._check_step(closure, found_inf)
         if self._built_state is not None:
             built, self._built_state = self._built_state, None
-            self._rounds.follow_loaded(built, self._exchange_header)
+            self._rounds.follow_loaded(built, self._exchange_header, self._header)
         if not self._clock.count_micro_step():
             return None
         accumulation = self._settings.accumulation_steps

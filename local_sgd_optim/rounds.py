@@ -21,8 +21,8 @@ from local_sgd_optim import state_entry
 from local_sgd_optim.agreement import agree_across_ranks
 from local_sgd_optim.comm.averager import BucketedAverager
 from local_sgd_optim.comm.collectives import broadcast_tensors
-from local_sgd_optim.comm.header import HeaderView
-from local_sgd_optim.comm.stats import CommStats, RoundError
+from local_sgd_optim.comm.header import HeaderView, RoundHeader
+from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 from local_sgd_optim.tracked import Tracked, averaged_tensors, describe, outer_sources, plan_key
@@ -132,38 +132,31 @@ class Rounds:
         return [(t._version, t.data_ptr()) for t in outer_sources(self.tracked())]
 
     def follow_loaded(
-        self, built: list[tuple[int, int]], exchange: Callable[[str, int, int], HeaderView]
+        self,
+        built: list[tuple[int, int]],
+        exchange: Callable[[str, int, int], HeaderView],
+        header: RoundHeader,
     ) -> None:
         """At the first ``step()``: if weights were loaded into the model since construction
         (fine-tuning from pretrained weights) and no optimizer state was loaded, broadcast and
         take the copies again as construction would have, so that both orders train alike.
-        ``exchange`` runs the header collective."""
+        ``exchange`` runs the header collective, ``header`` judges it."""
         if built == self.signature():
             return
         if self.communicates:
             # Ranks that changed the model do this together; one that did it alone meets
             # another rank's round in the header instead, and every rank raises.
-            header = exchange("first step()", 0, 0)
-            self.averager_header_check(header)
+            hint = (
+                "Weights were loaded into the model after the LocalSGDOptimizer was built on "
+                "some ranks only: load them on every rank"
+            )
+            header.check(exchange("first step()", 0, 0), 0, hint)
             if self._settings.broadcast_initial:
                 params = outer_sources(self.tracked())
                 broadcast_tensors(params, self._process_group, self._settings.bucket_cap_mb)
             # Buffers may differ after a forward: the next round sets the anchors afresh.
             self.forget_anchors()
         self.build_outer()
-
-    def averager_header_check(self, view: HeaderView) -> None:
-        """Raise on every rank if the ranks are not all at their first step together."""
-        kinds = set(zip(view.kinds, view.steps))
-        if len(kinds) > 1:
-            at = ", ".join(
-                f"rank {r} at {k} of step {s}"
-                for r, (k, s) in enumerate(zip(view.kinds, view.steps))
-            )
-            raise RoundError(
-                f"ranks are out of step ({at}): weights were loaded into the model after the "
-                "LocalSGDOptimizer was built on some ranks only. Load them on every rank"
-            )
 
     def forget_anchors(self) -> None:
         """Drop the references for 16-bit deltas: the next round is in full precision."""

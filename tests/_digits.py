@@ -129,14 +129,14 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
-class _ByteCounter:
-    """The state of :func:`_counting_allreduce`: payload bytes handed to all-reduces so far."""
+class ByteCounter:
+    """The state of :func:`counting_allreduce`: payload bytes handed to all-reduces so far."""
 
     def __init__(self) -> None:
         self.bytes = 0
 
 
-def _counting_allreduce(counter: _ByteCounter, bucket: Any) -> Any:
+def counting_allreduce(counter: ByteCounter, bucket: Any) -> Any:
     """DDP's own all-reduce hook, counting the bytes of each gradient bucket first."""
     buffer = bucket.buffer()
     counter.bytes += buffer.numel() * buffer.element_size()
@@ -144,7 +144,7 @@ def _counting_allreduce(counter: _ByteCounter, bucket: Any) -> Any:
 
 
 # DDP checks a hook's annotations as objects; this module's postponed annotations are strings.
-_counting_allreduce.__annotations__ = {
+counting_allreduce.__annotations__ = {
     "counter": object,
     "bucket": dist.GradBucket,  # type: ignore[attr-defined]
     "return": torch.futures.Future[Tensor],
@@ -199,15 +199,15 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
     per_epoch = steps_per_epoch(hyper, world)
     total_steps = hyper.epochs * per_epoch
 
-    counter: _ByteCounter | None = None
+    counter: ByteCounter | None = None
     opt: LocalSGDOptimizer | None = None
     net: nn.Module = model
     base = torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum)
     step: Any = base
     if config.get("ddp"):
         net = DistributedDataParallel(model)
-        counter = _ByteCounter()
-        net.register_comm_hook(counter, _counting_allreduce)
+        counter = ByteCounter()
+        net.register_comm_hook(counter, counting_allreduce)
     else:
         opt = LocalSGDOptimizer(base, model, **_local_sgd_kwargs(config, total_steps))
         step = opt

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from _digits import ByteCounter, counting_allreduce
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -243,30 +244,6 @@ def held_out_loss(net: nn.Module, windows: Tensor, chunk: int = 256) -> float:
     return total / len(windows)
 
 
-class _ByteCounter:
-    """The state of :func:`_counting_allreduce`: payload bytes handed to all-reduces so far."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-
-
-def _counting_allreduce(counter: _ByteCounter, bucket: Any) -> Any:
-    """DDP's own all-reduce hook, counting the bytes of each gradient bucket first."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-    buffer = bucket.buffer()
-    counter.bytes += buffer.numel() * buffer.element_size()
-    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
-
-
-# DDP checks a hook's annotations as objects; this module's postponed annotations are strings.
-_counting_allreduce.__annotations__ = {
-    "counter": object,
-    "bucket": dist.GradBucket,  # type: ignore[attr-defined]
-    "return": torch.futures.Future[Tensor],
-}
-
-
 def _local_sgd_kwargs(config: dict[str, Any], steps: int) -> dict[str, Any]:
     kwargs = dict(config)
     if kwargs.get("warmup_steps") == "quarter":
@@ -325,14 +302,14 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
         betas=(0.9, 0.95),
         weight_decay=0.0,
     )
-    counter: _ByteCounter | None = None
+    counter: ByteCounter | None = None
     opt: LocalSGDOptimizer | None = None
     net: nn.Module = net_model
     step: Any = base
     if config.get("ddp"):
         net = DistributedDataParallel(net_model)
-        counter = _ByteCounter()
-        net.register_comm_hook(counter, _counting_allreduce)
+        counter = ByteCounter()
+        net.register_comm_hook(counter, counting_allreduce)
     else:
         opt = LocalSGDOptimizer(base, net_model, **_local_sgd_kwargs(config, hyper.steps))
         step = opt

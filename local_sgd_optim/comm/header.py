@@ -165,21 +165,21 @@ class RoundHeader:
             self.stats.comm_seconds += time.perf_counter() - began
         return self.decode(wire.cpu())
 
-    def check(self, view: HeaderView, step: int) -> None:
+    def check(self, view: HeaderView, step: int, hint: str | None = None) -> None:
         """Raise the same :class:`RoundError` on every rank if the ranks are doing different
-        things or are at different steps."""
+        things or are at different steps; ``hint`` replaces the usual advice."""
         doing = set(zip(view.kinds, view.steps))
         if len(doing) > 1:
             at = ", ".join(
                 f"rank {r} at {kind} of step {s}"
                 for r, (kind, s) in enumerate(zip(view.kinds, view.steps))
             )
-            raise RoundError(
-                f"ranks are out of step ({at}). Every rank must call step() the same number "
-                "of times, and average() and close() at the same point (give every rank the "
-                "same number of batches, e.g. DistributedSampler with drop_last=True); "
-                "nothing was averaged"
+            advice = hint or (
+                "Every rank must call step() the same number of times, and average() and "
+                "close() at the same point (give every rank the same number of batches, e.g. "
+                "DistributedSampler with drop_last=True)"
             )
+            raise RoundError(f"ranks are out of step ({at}). {advice}; nothing was averaged")
         if len(set(view.plans)) > 1:
             raise RoundError(
                 f"the ranks average different tensors at the {view.kinds[0]} of step {step}: "
