@@ -7,7 +7,12 @@ the same calls, reaches the same answer. It does no communication and knows no t
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+from local_sgd_optim import state_entry
+
+if TYPE_CHECKING:
+    from local_sgd_optim.settings import Settings
 
 __all__ = ["Clock"]
 
@@ -56,6 +61,19 @@ class Clock:
         # changes accumulation_steps), so that windows stay whole.
         self.window_start = 0
         self.next_round_step = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Clock:
+        """A clock at step 0 for ``settings``, its first round scheduled."""
+        clock = cls(
+            settings.period,
+            settings.accumulation_steps,
+            settings.overlap_steps,
+            settings.warmup_steps,
+            settings.local_period,
+        )
+        clock.schedule_first_round()
+        return clock
 
     def schedule_first_round(self) -> None:
         """The first round: a period after warm-up."""
@@ -141,15 +159,8 @@ class Clock:
 
     # --- state ----------------------------------------------------------------------------
 
-    COUNTERS = (
-        "micro_steps",
-        "optimizer_steps",
-        "averaging_rounds",
-        "last_round_step",
-        "next_round_step",
-        "local_rounds",
-        "window_start",
-    )
+    # The state entry names them (every version's, then those derived for older ones).
+    COUNTERS = (*state_entry.COUNTERS, *state_entry.LATER_COUNTERS)
 
     def counters(self) -> dict[str, int]:
         """Every counter by name, for a checkpoint."""

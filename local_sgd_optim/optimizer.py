@@ -209,13 +209,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._process_group = process_group
         self._device = first_device(model)
         self._ownership = Ownership.claim(base_optimizer)
-        self._clock = Clock(
-            settings.period,
-            settings.accumulation_steps,
-            settings.overlap_steps,
-            settings.warmup_steps,
-            settings.local_period,
-        )
+        self._clock = Clock.from_settings(settings)
         self._extra_params: list[Tensor] = []
         self._stats = CommStats()
         self._world_size = group_size(process_group) if settings.enabled else 1
@@ -246,7 +240,6 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         elif could_communicate(process_group, True):
             self._rounds.agree()  # enabled=False here: so that it must be so on every rank
         self._rounds.build_outer()
-        self._clock.schedule_first_round()
         # Copies taken above (the outer optimizer's, the anchor for 16-bit deltas) must follow
         # weights loaded into the model before training starts: see Rounds.follow_loaded.
         self._built_state: list[tuple[int, int]] | None = self._rounds.signature()
@@ -671,12 +664,16 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         containers, loadable with ``torch.load(..., weights_only=True)``.
         """
         self._run_state_dict_pre_hooks()
+        return self._run_state_dict_post_hooks(self._snapshot())
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The state dict, without the user's state-dict hooks."""
         state_dict = self._base.state_dict()
         tensors = self._rounds.state_tensors()
         state_dict[state_entry.ENTRY_KEY] = state_entry.build(
             self._clock.counters(), self._settings, self._world_size, self._stats, tensors
         )
-        return self._run_state_dict_post_hooks(state_dict)
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the base optimizer's state and the wrapper's counters and state.
@@ -707,7 +704,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
                 "(a plain optimizer checkpoint); counters start at zero",
                 stacklevel=2,
             )
-            ours = fresh_entry(self._clock, self._settings, self._world_size)
+            ours = fresh_entry(self._settings, self._world_size)
         entry = state_entry.parse(ours)
         changed = check_loadable(entry, self._settings, self._world_size, self._rounds.outer)
         old_accumulation = entry.settings["accumulation_steps"]
@@ -717,7 +714,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         )
         # All or nothing: what only the loaders themselves check (the base and outer
         # optimizers' state, the anchors' shapes) may still fail, and then nothing changed.
-        before = self.state_dict()
+        before = self._snapshot()  # not state_dict(): the user's hooks are not run
         try:
             self._apply_loaded(state_dict, entry, changed, window_start)
         except Exception:

@@ -26,11 +26,9 @@ __all__ = ["BroadcastRecord", "check_loadable", "fresh_entry", "load_round_state
 _LAYOUT = frozenset({"bucket_cap_mb", "comm_dtype", "average_buffers"})
 
 
-def fresh_entry(clock: Clock, settings: Settings, world_size: int) -> dict[str, Any]:
+def fresh_entry(settings: Settings, world_size: int) -> dict[str, Any]:
     """The entry of a wrapper that has not stepped yet (for a plain optimizer checkpoint)."""
-    counters = dict.fromkeys(Clock.COUNTERS, 0)
-    warmup = settings.warmup_steps
-    counters["next_round_step"] = warmup + clock.period_from(warmup)
+    counters = Clock.from_settings(settings).counters()
     return state_entry.build(counters, settings, world_size, CommStats(), {})
 
 

@@ -96,15 +96,14 @@ class Rounds:
         if self._settings.local_period is not None:
             group = self._settings.local_group
             self._local_group = build_local_group(group, self._process_group, world_size)
-        self._build_averagers()
+        self._build_averagers(self.tracked())
 
     def build_outer(self) -> None:
         """Take the outer optimizer's kept copy from the parameters as they are now."""
         if self.outer is not None:
             self.outer.build(outer_sources(self.tracked()))
 
-    def _build_averagers(self) -> None:
-        entries = self.tracked()
+    def _build_averagers(self, entries: list[Tracked]) -> None:
         tensors = averaged_tensors(entries)
         settings = self._settings
         common: dict[str, Any] = {
@@ -164,13 +163,12 @@ class Rounds:
             if averager is not None:
                 averager.load_anchor_tensors([])
 
-    def _refresh_plan(self) -> None:
-        entries = self.tracked()
+    def _refresh_plan(self, entries: list[Tracked]) -> None:
         if plan_key(entries) != self._plan_key:
             # Parameters were unfrozen, added, replaced or moved since the last round. Every
             # rank rebuilds for itself; the round's header then checks that they agree.
             self._check_optimizer_holds(entries)
-            self._build_averagers()
+            self._build_averagers(entries)
 
     def _check_optimizer_holds(self, entries: list[Tracked]) -> None:
         """Raise if the base optimizer steps tensors that are no longer the model's."""
@@ -195,13 +193,14 @@ class Rounds:
         """Whether a round started with ``overlap_steps`` has not landed."""
         return self.averager is not None and self.averager.pending
 
-    def land(self) -> None:
-        """Apply the round in flight, with the outer step if there is one."""
+    def land(self, entries: list[Tracked] | None = None) -> None:
+        """Apply the round in flight, with the outer step if there is one (``entries``: the
+        live tensors, when the caller has them already)."""
         averager = self.averager
         if averager is None or not averager.pending or not averager.finish():
             return
         if self.outer is not None:
-            sources = outer_sources(self.tracked())
+            sources = outer_sources(self.tracked() if entries is None else entries)
             kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
             averager.set_anchor_values(kept)  # deltas are taken from the outer result on
 
@@ -215,9 +214,10 @@ class Rounds:
         # Whether the round's values are in place now (not started in the background), and
         # whether it was applied at all (a round skipped for NaN must not feed the outer step).
         landed = applied = True
+        entries = self.tracked()  # the live tensors, looked at once per round
         if self.communicates:
-            self.land()  # a round in flight lands first
-            self._refresh_plan()
+            self.land(entries)  # a round in flight lands first
+            self._refresh_plan(entries)
             assert self.averager is not None
             before = dataclasses.replace(self._stats)
             if blocking:
@@ -227,7 +227,7 @@ class Rounds:
                 landed, applied = result is not None, bool(result)
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
-            self.outer.step_from_mean(outer_sources(self.tracked()))
+            self.outer.step_from_mean(outer_sources(entries))
             if self.averager is not None:
                 self.averager.set_anchor_from_tensors()  # deltas start from the outer result
         if self.local_averager is not None:
@@ -236,7 +236,7 @@ class Rounds:
     def run_local(self, step: int) -> None:
         """One round inside the subgroup (two-level averaging)."""
         if self.communicates:
-            self._refresh_plan()
+            self._refresh_plan(self.tracked())
             if self.local_averager is not None:
                 self.local_averager.average(step, "local round")
 

@@ -316,12 +316,6 @@ class Settings:
                 changed.append(f.name)
         return changed
 
-    def replace(self, **changes: Any) -> Settings:
-        """A copy with ``changes`` applied and checked."""
-        arguments = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        arguments.update(changes)
-        return Settings.from_arguments(**arguments)
-
     def summary(self, always: tuple[str, ...] = ("period", "accumulation_steps")) -> list[str]:
         """``name=value`` for the settings in ``always`` and those off their defaults."""
         parts = []

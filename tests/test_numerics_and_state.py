@@ -217,8 +217,11 @@ def test_load_state_dict_changes_nothing_when_a_late_check_fails() -> None:
     )
     bad = copy.deepcopy(good)
     bad["local_sgd"]["outer"]["state"]["param_groups"] = []  # the outer state does not fit
+    saved_by_user = []
+    fresh.register_state_dict_pre_hook(lambda opt: saved_by_user.append(opt))
     with pytest.raises(ValueError):
         fresh.load_state_dict(bad)
+    assert saved_by_user == []  # the backup taken for the rollback runs no user hook
     assert fresh.param_groups[0]["lr"] == 0.5 and fresh.optimizer_steps == 0
     assert fresh.next_round_step == 4
     train(other, fresh, 4)  # and it still trains
