@@ -130,6 +130,10 @@ def test_resumed_run_repeats_the_uninterrupted_one_bitwise(
 
 def test_loss_comparable_to_ddp_with_fewer_bytes(runs: dict[str, dict[str, Any]]) -> None:
     local, ddp = runs["first"], runs["resumed"]["ddp_run"]
+    print(  # the figures the docs quote (pytest -s shows them)
+        f"held-out loss {local['eval_loss']:.4f} (DDP {ddp['eval_loss']:.4f}), "
+        f"bytes {local['bytes']} (DDP {ddp['bytes']})"
+    )
     assert local["eval_loss"] < 4.5  # from ln(256) = 5.55 at the start
     assert local["eval_loss"] <= ddp["eval_loss"] * 1.05, (local["eval_loss"], ddp["eval_loss"])
     # 10 rounds of the parameters (plus small headers) against 24 gradient all-reduces
