@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from local_sgd_optim.comm.groups import group_rank, group_size
 from local_sgd_optim.ddp import has_foreign_hook, inner_ddp
+from local_sgd_optim.sharded import check_sharded_model
 
 __all__ = ["Ownership", "check_arguments", "could_communicate", "first_device"]
 
@@ -42,25 +43,6 @@ class Ownership:
 _OWNERS: weakref.WeakKeyDictionary[Optimizer, weakref.ref[Ownership]] = weakref.WeakKeyDictionary()
 
 
-def _sharded_parameter(model: nn.Module) -> str | None:
-    """What in ``model`` holds only a shard of the parameters (FSDP, DTensor), if anything."""
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-    except ImportError:  # pragma: no cover - builds without distributed support
-        FullyShardedDataParallel = ()  # type: ignore[assignment,misc]
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4 keeps it private
-        from torch.distributed._tensor import DTensor  # type: ignore[attr-defined]
-    for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel):
-            return f"module {name or '<root>'!r} is FullyShardedDataParallel"
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            return f"parameter {name!r} is a DTensor"
-    return None
-
-
 def _check_types(base_optimizer: object, model: object, process_group: object) -> None:
     if not isinstance(base_optimizer, Optimizer):
         raise TypeError(
@@ -81,9 +63,11 @@ def check_arguments(
     """Raise on a base optimizer, model or group the wrapper cannot work with.
 
     Raises:
-        TypeError: wrong types, or a sharded model.
+        TypeError: wrong types, or an FSDP1 (``FullyShardedDataParallel``) model.
         ValueError: the base optimizer is already wrapped and open, holds parameters that are
-            not the model's, or this rank is not in ``process_group``.
+            not the model's, this rank is not in ``process_group``, or a sharded (DTensor)
+            model whose mesh shares ranks with ``process_group`` (HSDP, no group given): see
+            :func:`~local_sgd_optim.sharded.check_sharded_model`.
         RuntimeError: ``process_group`` without torch.distributed, several processes launched
             (``WORLD_SIZE`` > 1) without a process group, or a DDP model with a communication
             hook of its own.
@@ -118,12 +102,6 @@ def check_arguments(
             "that creates the group: Accelerate's Accelerator, Lightning's Trainer.fit, "
             "transformers' TrainingArguments), or pass enabled=False to train each process alone"
         )
-    sharded = _sharded_parameter(model)
-    if sharded is not None:
-        raise TypeError(
-            f"model is sharded across ranks ({sharded}); Local SGD averages full copies of the "
-            "model, one per rank. Use a plain module or DistributedDataParallel"
-        )
     model_params = {id(p) for p in model.parameters()}
     foreign = sum(
         1 for g in base_optimizer.param_groups for p in g["params"] if id(p) not in model_params
@@ -140,6 +118,8 @@ def check_arguments(
             "this rank is not a member of process_group; build LocalSGDOptimizer only on "
             "the group's ranks, or pass enabled=False elsewhere"
         )
+    if enabled:
+        check_sharded_model(model, group)
     ddp = inner_ddp(model)
     if enabled and ddp is not None and has_foreign_hook(ddp):
         raise RuntimeError(

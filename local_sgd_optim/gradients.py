@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from local_sgd_optim.sharded import local_tensor
+
 __all__ = ["rescale_gradients"]
 
 
@@ -15,6 +17,9 @@ def rescale_gradients(
     param_groups: list[dict[str, Any]], *, divisor: int = 1, multiplier: Tensor | None = None
 ) -> None:
     """Divide every gradient by ``divisor``, or multiply it by ``multiplier``.
+
+    A DTensor gradient (FSDP2) is rescaled through its local shard: the same values, without
+    a sharding propagation per call.
 
     Example::
 
@@ -26,7 +31,7 @@ def rescale_gradients(
             if p.grad is None:
                 continue
             if not p.grad.is_sparse:
-                dense.append(p.grad)
+                dense.append(local_tensor(p.grad))
             elif multiplier is not None:
                 p.grad.mul_(multiplier)
             else:

@@ -1,4 +1,8 @@
-"""What a round averages: the live parameters and buffers of the model, in a fixed order."""
+"""What a round averages: the live parameters and buffers of the model, in a fixed order.
+
+A DTensor (a model sharded with FSDP2's ``fully_shard``) is tracked as itself, and averaged
+as its local shard: the tensors handed to the averager are always ones it may write in place.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,18 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-__all__ = ["Tracked", "averaged_tensors", "describe", "outer_sources", "plan_key", "tracked"]
+from local_sgd_optim.sharded import is_dtensor, layout, local_tensor, reshard
+
+__all__ = [
+    "Tracked",
+    "averaged_tensors",
+    "describe",
+    "outer_sources",
+    "plan_key",
+    "sharded",
+    "signature",
+    "tracked",
+]
 
 
 class Tracked(NamedTuple):
@@ -30,7 +45,9 @@ def tracked(
 ) -> Iterator[Tracked]:
     """Every parameter (trainable ones averaged), every parameter added with
     ``add_param_group``, then every buffer (floating-point ones averaged when
-    ``average_buffers``), in a fixed order."""
+    ``average_buffers``), in a fixed order. FSDP2 modules are resharded first: a forward
+    without backward leaves the root's parameters unsharded."""
+    reshard(model)
     for name, p in model.named_parameters():
         yield Tracked("parameter", name, p, p.requires_grad)
     for i, extra in enumerate(extra_params):
@@ -40,7 +57,7 @@ def tracked(
 
 
 def _distinct(entries: Sequence[Tracked], kinds: tuple[str, ...]) -> list[Tensor]:
-    """The averaged tensors of ``kinds``, each piece of memory once.
+    """The averaged tensors of ``kinds`` (a DTensor's local shard), each piece of memory once.
 
     Two tensors that are the same view of one storage (``b.weight = nn.Parameter(a.weight.data)``:
     two Parameter objects, one memory) are averaged once, as the first of them; views that
@@ -53,9 +70,9 @@ def _distinct(entries: Sequence[Tracked], kinds: tuple[str, ...]) -> list[Tensor
     spans: dict[int, list[tuple[int, int, str]]] = {}
     distinct = []
     for e in entries:
-        t = e.tensor
         if not e.averaged or e.kind not in kinds:
             continue
+        t = local_tensor(e.tensor)
         if t.numel() == 0:
             distinct.append(t)
             continue
@@ -81,7 +98,7 @@ def _distinct(entries: Sequence[Tracked], kinds: tuple[str, ...]) -> list[Tensor
 
 def averaged_tensors(entries: Sequence[Tracked]) -> list[Tensor]:
     """The tensors a round averages, each piece of memory once: parameters first, then
-    buffers."""
+    buffers; of a DTensor, the local shard (a view of its storage)."""
     return _distinct(entries, ("parameter", "buffer"))
 
 
@@ -96,18 +113,37 @@ def plan_key(entries: Sequence[Tracked]) -> tuple[Hashable, ...]:
     (``model.to(...)`` keeps the parameter objects and gives them new storage), another device,
     dtype or shape."""
     return tuple(
-        (id(t), t.data_ptr(), t.device, t.dtype, t.shape, e.averaged)
+        (id(e.tensor), t.data_ptr(), t.device, t.dtype, t.shape, e.averaged)
         for e in entries
-        for t in (e.tensor,)
+        for t in (local_tensor(e.tensor),)
     )
 
 
+def sharded(entries: Sequence[Tracked]) -> bool:
+    """Whether any tensor is a DTensor (FSDP2, tensor parallel): its local shard lives in the
+    sharding framework's own storage, which rounds must write in place, never re-point."""
+    return any(is_dtensor(e.tensor) for e in entries)
+
+
+def signature(entries: Sequence[Tracked]) -> list[tuple[int, int]]:
+    """The averaged parameters' versions and memory: changes when weights are loaded.
+
+    A DTensor's version is its own: writes through the DTensor (``load_state_dict``, the
+    optimizer) count there, not on its local tensor.
+    """
+    return [
+        (e.tensor._version, local_tensor(e.tensor).data_ptr())
+        for e in entries
+        if e.averaged and e.kind == "parameter"
+    ]
+
+
 def describe(entries: Sequence[Tracked]) -> list[str]:
-    """One line per tensor for the cross-rank agreement: name, shape, dtype, frozen."""
+    """One line per tensor for the cross-rank agreement: name, (global) shape, dtype, frozen,
+    and a DTensor's layout: local shape, placements, mesh shape and this rank's coordinate."""
     lines = []
     for e in entries:
         frozen = "" if e.averaged or e.kind == "buffer" else ", frozen"
-        lines.append(
-            f"{e.kind} '{e.name}' of shape {tuple(e.tensor.shape)}, {e.tensor.dtype}{frozen}"
-        )
+        shape, dtype = tuple(e.tensor.shape), e.tensor.dtype
+        lines.append(f"{e.kind} '{e.name}' of shape {shape}, {dtype}{frozen}{layout(e.tensor)}")
     return lines

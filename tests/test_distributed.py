@@ -437,10 +437,12 @@ def _dtensor_model() -> tuple[str, str]:
     return raised(LocalSGDOptimizer, torch.optim.SGD(model.parameters(), lr=0.1), model, 2)
 
 
-def test_sharded_models_are_rejected(ranks: Any) -> None:
+def test_dtensor_over_the_whole_world_without_a_group_is_rejected(ranks: Any) -> None:
+    """Sharded over every rank, nothing holds the same shard to average with (FSDP2 across
+    replica groups: tests/test_fsdp2.py)."""
     for type_name, message in ranks.run(_dtensor_model, timeout=60):
-        assert type_name == "TypeError", message
-        assert "parameter 'weight' is a DTensor" in message
+        assert type_name == "ValueError", message
+        assert "parameter 'weight' is a DTensor" in message and "process_group=None" in message
 
 
 class _TwoHeads(nn.Module):

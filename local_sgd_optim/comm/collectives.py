@@ -28,11 +28,13 @@ from local_sgd_optim.comm.groups import collective_device, group_rank, group_siz
 from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.comm.tensors import all_finite, copy_all, shaped_views
+from local_sgd_optim.sharded import local_tensors
 
 __all__ = [
     "MB",
     "POOL_SLOTS",
     "GradientAverager",
+    "backend_averages",
     "broadcast_tensors",
     "exchange_descriptions",
     "pipeline",
@@ -46,16 +48,21 @@ POOL_SLOTS = 2
 
 
 def start_all_reduce(
-    tensor: Tensor, group: dist.ProcessGroup | None, stats: CommStats, step: int
+    tensor: Tensor,
+    group: dist.ProcessGroup | None,
+    stats: CommStats,
+    step: int,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
 ) -> dist.Work:
-    """Start summing ``tensor`` in place across ``group``; counts its bytes in ``stats``.
+    """Start summing (or ``op``) ``tensor`` in place across ``group``; counts its bytes in
+    ``stats``.
 
     Raises:
         RoundError: the collective could not start (a rank has exited).
     """
     stats.bytes_communicated += tensor.numel() * tensor.element_size()
     try:
-        work = dist.all_reduce(tensor, group=group, async_op=True)
+        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
     except Exception as failure:
         raise RoundError(
             f"the averaging round at step {step} could not start its collective "
@@ -63,6 +70,17 @@ def start_all_reduce(
         ) from failure
     assert work is not None
     return work
+
+
+def backend_averages(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether ``group`` computes a mean of ``device`` tensors itself (``ReduceOp.AVG``, which
+    NCCL has and gloo has not), sparing the division pass after a sum."""
+    if device.type != "cuda":
+        return False
+    try:
+        return "nccl" in str(dist.get_backend(group)).lower()
+    except (RuntimeError, ValueError):  # pragma: no cover - a group without a backend name
+        return False
 
 
 def wait(work: dist.Work, stats: CommStats, step: int) -> None:
@@ -134,7 +152,9 @@ class GradientAverager:
     For synchronous (warm-up) steps on a plain module: the gradient tensors may be new objects
     each step, so buckets are cut per call (cheap bookkeeping), while the two wire buffers per
     device, of at most ``bucket_cap_mb`` each, are allocated once and grow only if a
-    non-contiguous gradient needs more.
+    non-contiguous gradient needs more. A DTensor gradient (FSDP2: already reduced inside the
+    shard group) is averaged as its local shard, with the ranks of ``process_group``, which
+    hold the same shard.
 
     Args:
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
@@ -180,6 +200,7 @@ class GradientAverager:
         """Replace every gradient by its mean over the ranks. Every rank must call it, at the
         same optimizer ``step`` (checked in a header first, like a round's)."""
         self.header.check(self.header.exchange("gradient average", step, False), step)
+        grads = local_tensors(grads)
         dense = [g for g in grads if not g.is_sparse]
         for sparse in (g for g in grads if g.is_sparse):
             self.stats.bytes_communicated += sparse.coalesce().values().nbytes
@@ -216,6 +237,7 @@ class GradientAverager:
     @staticmethod
     def finite(grads: Sequence[Tensor]) -> bool:
         """Whether every gradient is free of inf and NaN (one read of each)."""
+        grads = local_tensors(grads)
         dense = [g for g in grads if not g.is_sparse]
         sparse = [g.coalesce().values() for g in grads if g.is_sparse]
         return all_finite(dense) and all_finite(sparse)
@@ -228,7 +250,9 @@ def broadcast_tensors(
     """Copy the group's rank 0 values of ``tensors`` to every rank, in place.
 
     Returns whether any of this rank's tensors changed. Goes bucket by bucket through one
-    buffer per device of at most ``bucket_cap_mb``.
+    buffer per device of at most ``bucket_cap_mb``. The source is the group's first rank
+    (its global rank, for a subgroup); of a DTensor, the local shard is copied, from the
+    group's first rank that holds the same shard.
 
     Example::
 
@@ -236,7 +260,7 @@ def broadcast_tensors(
     """
     src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
     buckets = cut_into_buckets(
-        group_by_device_and_dtype(tensors), max(1, int(bucket_cap_mb * MB)), None
+        group_by_device_and_dtype(local_tensors(tensors)), max(1, int(bucket_cap_mb * MB)), None
     )
     buffers: dict[torch.device, Tensor] = {}
     for b in buckets:
