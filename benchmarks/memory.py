@@ -14,9 +14,11 @@ and runs three rounds. The table shows rank 0's:
 Methods: torch's ``average_parameters`` (a ``torch.cat`` copy of the model every round), the
 floor (one preallocated flat fp32 buffer of the model's size), and ours
 (``BucketedAverager``, the round of ``LocalSGDOptimizer``) in fp32 with the
-default 25 MiB buckets and with 4 MiB buckets, and in bf16. Models: ResNet-18 (44.7 MB) and an
-MLP of 40 ``Linear(1024, 1024)`` (168 MB), where the bucket pool's bound shows. Linux only;
-about a minute::
+default 25 MiB buckets and with 4 MiB buckets, and in bf16, on parameters in their own memory
+(``parameters_as_bucket_view=False``) and, "placed", on parameters placed in bucket storage
+(the default), where a full-precision round needs no buffer at all. Models: ResNet-18
+(44.7 MB) and an MLP of 40 ``Linear(1024, 1024)`` (168 MB), where the bucket pool's bound
+shows. Linux only; about a minute::
 
     python benchmarks/memory.py
 """
@@ -41,6 +43,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 import _common  # noqa: E402
 
 from local_sgd_optim.averaging import BucketedAverager  # noqa: E402
+from local_sgd_optim.comm.resident import Residence  # noqa: E402
 
 MARK = "MEMORY_JSON "
 METHODS = [
@@ -49,6 +52,8 @@ METHODS = [
     "ours fp32",
     "ours fp32 (4 MiB buckets)",
     "ours bf16",
+    "ours fp32, placed",
+    "ours bf16, placed",
 ]
 
 
@@ -110,6 +115,8 @@ def worker(model_name: str, method: str) -> None:
     model = MODELS[model_name]()
     params = [p for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
+    if "placed" in method:  # done once at construction, so before the mark
+        Residence(params, list(model.parameters()))
     dist.all_reduce(torch.ones(1024))
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

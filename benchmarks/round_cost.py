@@ -9,9 +9,11 @@ leave them out):
   one all-reduce per parameter tensor), else the same loop written here;
 - ``average_parameters`` from ``torch.distributed.algorithms.model_averaging.utils`` (a
   ``torch.cat`` copy, one all-reduce, parameters re-pointed into it);
-- ours fp32 and bf16: ``local_sgd_optim.averaging.BucketedAverager(...).average()`` where it
-  exists, else ``LocalSGDOptimizer(...).average()`` (fp32 only); and the fp32 round through
-  ``LocalSGDOptimizer(..., average_buffers=False).average()``;
+- ours fp32 and bf16: ``local_sgd_optim.averaging.BucketedAverager(...).average()`` on
+  parameters placed in bucket storage (the default of ``LocalSGDOptimizer``,
+  ``parameters_as_bucket_view=True``: the all-reduce runs on the parameters' own memory) and on
+  parameters that keep their own memory (copied into a wire buffer and back); and the fp32 round
+  through ``LocalSGDOptimizer(..., average_buffers=False).average()``;
 - the floor.
 
 Methods run interleaved, in a rotated order each repeat; a repeat times ``--rounds`` rounds back
@@ -40,6 +42,7 @@ import _common  # noqa: E402
 
 from local_sgd_optim import LocalSGDOptimizer  # noqa: E402
 from local_sgd_optim.averaging import BucketedAverager  # noqa: E402
+from local_sgd_optim.comm.resident import Residence  # noqa: E402
 
 
 def per_tensor_round(model: nn.Module) -> tuple[str, Callable[[], None]]:
@@ -73,8 +76,14 @@ def average_parameters_round(model: nn.Module) -> Callable[[], None]:
     return run
 
 
-def ours_round(model: nn.Module, comm_dtype: torch.dtype | None) -> Callable[[], object]:
+def ours_round(
+    model: nn.Module, comm_dtype: torch.dtype | None, in_place: bool
+) -> Callable[[], object]:
+    """Our averager; ``in_place``: parameters placed in bucket storage first, as
+    ``LocalSGDOptimizer`` does by default (``parameters_as_bucket_view=True``)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if in_place:
+        Residence(params, list(model.parameters()))
     return BucketedAverager(params, None, comm_dtype=comm_dtype).average
 
 
@@ -94,8 +103,10 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
     label, fn = per_tensor_round(copy.deepcopy(base))
     methods[label] = fn
     methods["torch `average_parameters`"] = average_parameters_round(copy.deepcopy(base))
-    for label, dtype in (("ours fp32", None), ("ours bf16", torch.bfloat16)):
-        methods[label] = ours_round(copy.deepcopy(base), dtype)
+    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        methods[f"ours {label}"] = ours_round(copy.deepcopy(base), dtype, in_place=True)
+        own = ours_round(copy.deepcopy(base), dtype, in_place=False)
+        methods[f"ours {label}, parameters in their own memory"] = own
     # The same round through the optimizer: what a training loop pays at a period boundary.
     model = copy.deepcopy(base)
     opt = LocalSGDOptimizer(

@@ -9,8 +9,9 @@ progress since its snapshot on top of the result.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
 import torch
@@ -31,6 +32,9 @@ class OuterOptimizer:
         ready (bool): whether the kept copy already holds the ranks' common starting point
             (after the initial broadcast); if not, the first round's mean becomes it and the
             first step comes at the second round.
+        cpu_offload (bool): keep the kept copy, its gradient and the optimizer's state in CPU
+            memory (pinned when CUDA is available) between rounds; they visit the parameters'
+            device for the outer step only (default: ``False``).
 
     Example::
 
@@ -40,9 +44,15 @@ class OuterOptimizer:
         >>> averager.average(); outer.step_from_mean(params)
     """
 
-    def __init__(self, factory: Callable[[list[Tensor]], Optimizer], ready: bool) -> None:
+    def __init__(
+        self, factory: Callable[[list[Tensor]], Optimizer], ready: bool, cpu_offload: bool = False
+    ) -> None:
         self._factory = factory
         self._ready_at_build = ready
+        self._offload = cpu_offload
+        # Pinned buffers the offloaded tensors come back to after each step, reused across
+        # rounds: pinning memory costs far more than the copy. By (kept index, state name).
+        self._host: dict[tuple[int, str], Tensor] = {}
         self.kept: list[Tensor] = []
         self.optimizer: Optimizer | None = None
         self.ready = ready
@@ -50,7 +60,8 @@ class OuterOptimizer:
 
     def build(self, sources: Sequence[Tensor]) -> None:
         """Copy ``sources`` and build the optimizer on the copy (its state starts empty)."""
-        self.kept = [p.detach().clone() for p in sources]
+        self._host = {}
+        self.kept = [self._copy_home(p) for p in sources]
         for kept in self.kept:
             kept.grad = torch.zeros_like(kept)
         outer = self._factory(self.kept)
@@ -63,20 +74,72 @@ class OuterOptimizer:
         self._plan = [id(t) for t in sources]
         self.ready = self._ready_at_build
 
+    def _home_device(self, source: Tensor) -> torch.device:
+        """Where the copy of ``source`` lives between rounds."""
+        return torch.device("cpu") if self._offload else source.device
+
+    def _copy_home(self, source: Tensor) -> Tensor:
+        """A copy of ``source`` where the kept copy lives between rounds."""
+        source = source.detach()
+        if not self._offload or source.device.type == "cpu":
+            return source.clone()
+        pinned = torch.cuda.is_available()
+        return torch.empty_like(source, device="cpu", pin_memory=pinned).copy_(source)
+
     def _follow(self, sources: Sequence[Tensor]) -> None:
         """Move the kept copy, its gradient and the optimizer's state to where the parameters
-        went (``model.to(device)`` after the wrapper was built)."""
+        went (``model.to(device)`` after the wrapper was built; CPU memory when offloaded)."""
         assert self.optimizer is not None
         for kept, source in zip(self.kept, sources):
-            if kept.device == source.device and kept.dtype == source.dtype:
+            device = self._home_device(source)
+            if kept.device == device and kept.dtype == source.dtype:
                 continue
             state = self.optimizer.state.get(kept, {})
-            kept.data = kept.data.to(source.device, source.dtype)
+            kept.data = kept.data.to(device, source.dtype)
             if kept.grad is not None:
-                kept.grad = kept.grad.to(source.device, source.dtype)
+                kept.grad = kept.grad.to(device, source.dtype)
             for name, value in state.items():
                 if isinstance(value, Tensor) and value.dim() > 0:
-                    state[name] = value.to(source.device, source.dtype)
+                    state[name] = value.to(device, source.dtype)
+
+    def _back_home(self, index: int, name: str, tensor: Tensor) -> Tensor:
+        """``tensor``'s values in this copy's pinned buffer for ``name`` (made on first use)."""
+        buffer = self._host.get((index, name))
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty_like(tensor, device="cpu", pin_memory=torch.cuda.is_available())
+            self._host[(index, name)] = buffer
+        return buffer.copy_(tensor)
+
+    @contextlib.contextmanager
+    def _on_device(self, sources: Sequence[Tensor]) -> Iterator[None]:
+        """With ``cpu_offload``: the kept copy, its gradient and the optimizer's state on the
+        parameters' device for the duration (an outer step), back in CPU memory afterwards."""
+        assert self.optimizer is not None
+        devices = {s.device for s in sources}
+        if not self._offload or devices <= {torch.device("cpu")}:
+            yield
+            return
+        state = self.optimizer.state
+        for kept, source in zip(self.kept, sources):
+            kept.data = kept.data.to(source.device, non_blocking=True)
+            if kept.grad is not None:
+                kept.grad = kept.grad.to(source.device, non_blocking=True)
+            values = state.get(kept, {})
+            for name, value in values.items():
+                if isinstance(value, Tensor) and value.dim() > 0:
+                    values[name] = value.to(source.device, non_blocking=True)
+        try:
+            yield
+        finally:
+            # State the step created (momentum at the first step) is on the device: it joins.
+            for index, kept in enumerate(self.kept):
+                kept.data = self._back_home(index, "", kept.data)
+                if kept.grad is not None:
+                    kept.grad = self._back_home(index, "grad", kept.grad)
+                values = state.get(kept, {})
+                for name, value in values.items():
+                    if isinstance(value, Tensor) and value.dim() > 0:
+                        values[name] = self._back_home(index, f"state.{name}", value)
 
     def _restart_if_changed(self, sources: Sequence[Tensor]) -> None:
         if [id(t) for t in sources] == self._plan:
@@ -112,9 +175,10 @@ class OuterOptimizer:
     def step_from_mean(self, sources: Sequence[Tensor]) -> None:
         """After a blocking round: ``sources`` hold the mean; they become the outer result."""
         self._restart_if_changed(sources)
-        pairs = [(k, k.grad, s) for k, s in zip(self.kept, sources)]
-        if self._step(pairs):  # type: ignore[arg-type]
-            copy_all(list(sources), self.kept)
+        with self._on_device(sources):
+            pairs = [(k, k.grad, s) for k, s in zip(self.kept, sources)]
+            if self._step(pairs):  # type: ignore[arg-type]
+                copy_all(list(sources), self.kept)
 
     @torch.no_grad()
     def step_from_snapshot(
@@ -128,14 +192,15 @@ class OuterOptimizer:
             mean only became the starting point).
         """
         self._restart_if_changed(sources)
-        mine = [p for p in pieces if p.index < len(self.kept)]
-        kept = [Piece.slice_of(self.kept[p.index], p.offset, p.source) for p in mine]
-        grads = [Piece.slice_of(self.kept[p.index].grad, p.offset, p.source) for p in mine]  # type: ignore[arg-type]
-        if not self._step(list(zip(kept, grads, [p.mean for p in mine]))):
-            return {}
-        targets = [p.source for p in mine]
-        torch._foreach_add_(targets, kept)
-        torch._foreach_sub_(targets, [p.mean for p in mine])
+        with self._on_device(sources):
+            mine = [p for p in pieces if p.index < len(self.kept)]
+            kept = [Piece.slice_of(self.kept[p.index], p.offset, p.source) for p in mine]
+            grads = [Piece.slice_of(self.kept[p.index].grad, p.offset, p.source) for p in mine]  # type: ignore[arg-type]
+            if not self._step(list(zip(kept, grads, [p.mean for p in mine]))):
+                return {}
+            targets = [p.source for p in mine]
+            torch._foreach_add_(targets, kept)
+            torch._foreach_sub_(targets, [p.mean for p in mine])
         return dict(enumerate(self.kept))
 
     def state_dict(self) -> dict[str, Any]:

@@ -22,10 +22,19 @@ from local_sgd_optim.agreement import agree_across_ranks
 from local_sgd_optim.comm.averager import BucketedAverager
 from local_sgd_optim.comm.collectives import broadcast_tensors
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
+from local_sgd_optim.comm.resident import Residence
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
-from local_sgd_optim.tracked import Tracked, averaged_tensors, describe, outer_sources, plan_key
+from local_sgd_optim.tracked import (
+    Tracked,
+    averaged_tensors,
+    describe,
+    outer_sources,
+    plan_key,
+    sharded,
+    signature,
+)
 from local_sgd_optim.tracked import tracked as tracked_state
 from local_sgd_optim.two_level import build_local_group
 
@@ -77,10 +86,11 @@ class Rounds:
         self.local_averager: BucketedAverager | None = None
         self._local_group: dist.ProcessGroup | None = None
         self._plan_key: tuple[object, ...] | None = None
+        self._residence: Residence | None = None
         self.outer: OuterOptimizer | None = None
         if settings.outer_optimizer is not None:
             ready = settings.broadcast_initial or not communicates
-            self.outer = OuterOptimizer(settings.outer_optimizer, ready)
+            self.outer = OuterOptimizer(settings.outer_optimizer, ready, settings.cpu_offload)
 
     def tracked(self) -> list[Tracked]:
         """Every parameter and buffer, and whether rounds average it, as they are now."""
@@ -106,17 +116,36 @@ class Rounds:
     def _build_averagers(self, entries: list[Tracked]) -> None:
         tensors = averaged_tensors(entries)
         settings = self._settings
+        self.release()
+        # A sharded model's local shards live in FSDP's own storage: never re-pointed.
+        if (
+            settings.parameters_as_bucket_view
+            and not settings.overlap_steps
+            and not sharded(entries)
+        ):
+            held = [e.tensor for e in entries] + [
+                p for group in self._base_optimizer.param_groups for p in group["params"]
+            ]
+            self._residence = Residence(tensors, held)
+            self._residence.protect_state_dict(self._model)
         common: dict[str, Any] = {
             "bucket_cap_mb": settings.bucket_cap_mb,
             "comm_dtype": settings.comm_dtype,
             "stats": self._stats,
             "on_nonfinite": settings.on_nonfinite,
+            "cpu_offload": settings.cpu_offload,
         }
         overlap = settings.overlap_steps > 0
         self.averager = BucketedAverager(tensors, self._process_group, overlap=overlap, **common)
         if self._local_group is not None:
             self.local_averager = BucketedAverager(tensors, self._local_group, **common)
-        self._plan_key = plan_key(entries)
+        self._plan_key = plan_key(entries)  # after placing: the memory the tensors have now
+
+    def release(self) -> None:
+        """Give the tensors placed in bucket storage memory of their own again."""
+        if self._residence is not None:
+            self._residence.release()
+            self._residence = None
 
     def set_anchors_from_tensors(self) -> None:
         """Every rank holds the same values now: the reference for 16-bit deltas."""
@@ -128,7 +157,7 @@ class Rounds:
         """The averaged parameters' versions and memory: changes when weights are loaded."""
         # Parameters only: a forward in training mode updates buffers (BatchNorm statistics)
         # before the first step() sees them.
-        return [(t._version, t.data_ptr()) for t in outer_sources(self.tracked())]
+        return signature(self.tracked())
 
     def follow_loaded(
         self,

@@ -200,6 +200,12 @@ class Settings:
     outer_optimizer: OuterFactory | None = dataclasses.field(
         default=None, metadata=_about(_check_outer, saved=False, describe=_describe_outer)
     )
+    # Where copies live, not what they hold: kept so that a change is named on resume, and
+    # older entries, which lack it, take the default.
+    cpu_offload: bool = dataclasses.field(
+        default=False,
+        metadata=_about(lambda v: check_bool("cpu_offload", v), required_since=None),
+    )
     local_period: int | None = dataclasses.field(
         default=None, metadata=_about(_check_optional_positive("local_period"), required_since=None)
     )
@@ -214,6 +220,10 @@ class Settings:
     allow_identical_ranks: bool = dataclasses.field(
         default=False,
         metadata=_about(lambda v: check_bool("allow_identical_ranks", v), saved=False),
+    )
+    parameters_as_bucket_view: bool = dataclasses.field(
+        default=True,
+        metadata=_about(lambda v: check_bool("parameters_as_bucket_view", v), saved=False),
     )
 
     @classmethod

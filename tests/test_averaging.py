@@ -214,7 +214,13 @@ def test_workspace_is_a_small_pool_not_a_copy_of_the_model() -> None:
     # 2M elements in buckets of at most 1 MiB of fp32 (262,144): 8 equal buckets of 250,000.
     # (The header is a collective of its own, a few dozen bytes allocated per round.)
     assert len(full.buckets) == 8 and {b.numel for b in full.buckets} == {250_000}
-    assert full.workspace_bytes == 2 * 250_000 * 4 <= 2 * mib
+    # Each bucket is one whole tensor: all-reduced where it lies, with no buffer at all.
+    assert all(b.in_place for b in full.buckets) and full.workspace_bytes == 0
+    # Tensors of their own memory, two to a bucket: copied through a pool of two buffers.
+    halves = [torch.zeros(125_000) for _ in range(16)]
+    pooled = BucketedAverager(halves, None, bucket_cap_mb=1.0)
+    assert not any(b.in_place for b in pooled.buckets)
+    assert pooled.workspace_bytes == 2 * 250_000 * 4 <= 2 * mib
     # The full-precision copy, two 16-bit wire buffers and one fp32 staging buffer.
     assert delta.workspace_bytes == model_bytes + 2 * 250_000 * 2 + 250_000 * 4
     assert overlap.workspace_bytes == 2 * model_bytes  # in flight: wire + sent

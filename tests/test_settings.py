@@ -110,3 +110,76 @@ def test_summary_shows_period_accumulation_and_what_is_off_default() -> None:
         "comm_dtype=torch.float16",
         "overlap_steps=2",
     ]
+
+
+def _diloco_run(cpu_offload: bool, device: str = "cpu") -> tuple[torch.Tensor, LocalSGDOptimizer]:
+    """Ten steps of DiLoCo (Adam outer, so the outer optimizer has state) on one rank."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    model.to(device)
+    opt = LocalSGDOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        model,
+        period=3,
+        outer_optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05),
+        cpu_offload=cpu_offload,
+    )
+    for step in range(10):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 6, generator=g).to(device), torch.randint(0, 3, (8,), generator=g)
+        torch.nn.functional.cross_entropy(model(x), y.to(device)).backward()
+        opt.step()
+        opt.zero_grad()
+    return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]), opt
+
+
+def _outer_tensors(opt: LocalSGDOptimizer) -> list[torch.Tensor]:
+    outer = opt.outer_optimizer
+    assert outer is not None
+    kept = [p for g in outer.param_groups for p in g["params"]]
+    state = [v for s in outer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return kept + [p.grad for p in kept if p.grad is not None] + [v for v in state if v.dim()]
+
+
+def test_cpu_offload_is_a_setting_kept_in_the_state_that_may_change_on_resume() -> None:
+    settings = Settings.from_arguments(period=4, cpu_offload=True)
+    assert settings.cpu_offload is True and settings.to_state()["cpu_offload"] is True
+    assert "cpu_offload=True" in settings.summary()
+    older = Settings.from_arguments(period=4).to_state()
+    del older["cpu_offload"]
+    assert Settings.missing_from_state(older, version=3) == []  # older entries lack it
+    assert Settings.from_state(older)["cpu_offload"] is False
+    assert settings.changed_from(Settings.from_state(older)) == ["cpu_offload"]
+    with pytest.raises(TypeError, match="cpu_offload must be a bool"):
+        Settings.from_arguments(period=4, cpu_offload=1)
+    # A run resumed with the other value continues, naming the change.
+    _, offloaded = _diloco_run(cpu_offload=True)
+    _, plain = _diloco_run(cpu_offload=False)
+    with pytest.warns(UserWarning, match=r"cpu_offload=False \(checkpoint: True\)"):
+        plain.load_state_dict(offloaded.state_dict())
+
+
+def test_cpu_offload_keeps_outer_state_in_cpu_memory_with_the_same_numbers() -> None:
+    params, offloaded = _diloco_run(cpu_offload=True)
+    reference, plain = _diloco_run(cpu_offload=False)
+    assert offloaded.averaging_rounds == 3
+    assert torch.equal(params, reference)
+    kept = _outer_tensors(offloaded)
+    assert len(kept) > 6 and all(t.device.type == "cpu" for t in kept)  # copy, grads, Adam
+    for a, b in zip(kept, _outer_tensors(plain)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offloading from a GPU")
+def test_cpu_offload_from_a_gpu_keeps_outer_state_pinned_with_the_same_numbers() -> None:
+    params, offloaded = _diloco_run(cpu_offload=True, device="cuda")
+    reference, plain = _diloco_run(cpu_offload=False, device="cuda")
+    assert torch.equal(params, reference)
+    kept = _outer_tensors(offloaded)
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in kept)
+    assert all(t.device.type == "cuda" for t in _outer_tensors(plain))
+    for a, b in zip(kept, _outer_tensors(plain)):
+        assert torch.equal(a, b.cpu())
+    # A checkpoint moves between the two: offloaded state loads into a GPU-resident wrapper.
+    plain.load_state_dict(offloaded.state_dict())
+    assert all(t.device.type == "cuda" for t in _outer_tensors(plain))

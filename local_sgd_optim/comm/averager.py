@@ -14,9 +14,10 @@ magnitude. Overlapped rounds (``overlap=True``) live in :mod:`~local_sgd_optim.c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,14 +25,31 @@ import torch.distributed as dist
 from torch import Tensor
 
 from local_sgd_optim.checks import check_on_nonfinite
-from local_sgd_optim.comm.buckets import cut_into_buckets, group_by_device_and_dtype, pool_plan
-from local_sgd_optim.comm.collectives import MB, POOL_SLOTS, pipeline, start_all_reduce, wait
+from local_sgd_optim.comm.buckets import (
+    Bucket,
+    contiguous_span,
+    cut_into_buckets,
+    group_by_device_and_dtype,
+    pool_plan,
+)
+from local_sgd_optim.comm.collectives import (
+    MB,
+    POOL_SLOTS,
+    backend_averages,
+    start_all_reduce,
+    wait,
+)
 from local_sgd_optim.comm.groups import group_rank, group_size
 from local_sgd_optim.comm.header import NONFINITE, TOO_LARGE, RoundHeader
 from local_sgd_optim.comm.overlap import InFlightRound, Piece
 from local_sgd_optim.comm.packing import delta_fits_float16, pack, unpack
 from local_sgd_optim.comm.stats import CommStats
-from local_sgd_optim.comm.tensors import copy_all, finite_and_fingerprint, shaped_views
+from local_sgd_optim.comm.tensors import (
+    copy_all,
+    divide_,
+    finite_and_fingerprint,
+    shaped_views,
+)
 
 __all__ = ["BucketedAverager"]
 
@@ -63,6 +81,9 @@ class BucketedAverager:
         on_nonfinite (str): what a round does when some rank's tensors hold NaN or inf:
             ``"raise"`` a :class:`RoundError` on every rank, or ``"skip"`` the round with a
             warning; either way no tensor is changed (default: ``"raise"``).
+        cpu_offload (bool): keep the full-precision copy for 16-bit deltas in CPU memory
+            (pinned for CUDA tensors) between rounds; it visits the tensors' device during a
+            round only (default: ``False``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
     ``6 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
@@ -78,6 +99,9 @@ class BucketedAverager:
         Every rank must build it from the same shapes and dtypes, and make the same calls.
     """
 
+    # Tests set this to make CPU anchors visit a copy of themselves as CUDA ones would.
+    _visit_cpu = False
+
     def __init__(
         self,
         tensors: Sequence[Tensor],
@@ -88,8 +112,10 @@ class BucketedAverager:
         overlap: bool = False,
         stats: CommStats | None = None,
         on_nonfinite: str = "raise",
+        cpu_offload: bool = False,
     ) -> None:
         self.process_group = process_group
+        self.cpu_offload = cpu_offload
         self.world_size = group_size(process_group)
         self.comm_dtype = comm_dtype
         self.overlap = overlap
@@ -105,11 +131,9 @@ class BucketedAverager:
             self.stats,
         )
         self._group_numels = [sum(t.numel() for _, t in g) for g in groups]
-        self._tensors = [t for group in groups for _, t in group]
         self.buckets = cut_into_buckets(groups, max(1, int(bucket_cap_mb * MB)), comm_dtype)
         self.numel = sum(b.numel for b in self.buckets)
         self.nbytes = sum(b.wire_bytes for b in self.buckets)
-        self._previous_user = [-1] * len(self.buckets)
         self._anchors: list[Tensor | None] = [None] * len(groups)
         self._fingerprint: int | None = None  # this rank's, at its last round
         # What this averager averages, comparable across ranks: shapes and dtypes in order.
@@ -135,14 +159,26 @@ class BucketedAverager:
                 b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=b.device)
                 b.sent_views = shaped_views(b.sent, b.sources)
         else:
-            plan = pool_plan(self.buckets, POOL_SLOTS)
-            self._previous_user = [previous for _, previous in plan]
+            for b in self.buckets:
+                b.span = contiguous_span(b.sources)
+                if b.in_place:
+                    b.set_wire(b.span)  # type: ignore[arg-type]
+                full = not b.delta and not b.prescaled
+                b.backend_averages = full and backend_averages(self.process_group, b.device)
+            # Buckets whose tensors lie apart are copied through a small pool of buffers.
+            pooled = [i for i, b in enumerate(self.buckets) if not b.in_place]
+            plan = pool_plan([self.buckets[i] for i in pooled], POOL_SLOTS)
             pools: dict[tuple[torch.device, int], Tensor] = {}
-            for b, (slot, _) in zip(self.buckets, plan):
-                size = max(x.wire_bytes for x in self.buckets if x.device == b.device)
+            for i, (slot, _) in zip(pooled, plan):
+                b = self.buckets[i]
+                size = max(self.buckets[j].wire_bytes for j in pooled)
                 if (b.device, slot) not in pools:
                     pools[b.device, slot] = torch.empty(size, dtype=torch.uint8, device=b.device)
                 b.set_wire(pools[b.device, slot][: b.wire_bytes].view(b.wire_dtype))
+        # What the header reads for NaN: a bucket's span in one piece where it has one.
+        self._checked = [
+            t for b in self.buckets for t in ([b.span] if b.span is not None else b.sources)
+        ]
         self._allocate_staging()
 
     def _allocate_staging(self) -> None:
@@ -160,7 +196,8 @@ class BucketedAverager:
     def workspace_bytes(self) -> int:
         """Bytes this averager allocated for itself (buffers, copies), not counting the tensors."""
         seen: dict[int, int] = {}
-        buffers = [t for b in self.buckets for t in (b.wire, b.scratch, b.sent) if t is not None]
+        own = [(None if b.in_place else b.wire, b.scratch, b.sent) for b in self.buckets]
+        buffers = [t for triple in own for t in triple if t is not None]
         for t in buffers + [a for a in self._anchors if a is not None]:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
@@ -178,12 +215,45 @@ class BucketedAverager:
             first = next((b for b in self.buckets if b.group == g), None)
             if self._anchors[g] is None and any(b.delta and b.group == g for b in self.buckets):
                 assert first is not None
-                self._anchors[g] = torch.empty(numel, dtype=first.dtype, device=first.device)
+                device = torch.device("cpu") if self.cpu_offload else first.device
+                pinned = self.cpu_offload and first.device.type == "cuda"
+                self._anchors[g] = torch.empty(
+                    numel, dtype=first.dtype, device=device, pin_memory=pinned
+                )
+        self._bind_anchors(self._anchors)
+
+    def _bind_anchors(self, anchors: Sequence[Tensor | None]) -> None:
+        """Point each delta bucket's anchor at its slice of its group's ``anchors[g]``."""
         for b in self.buckets:
-            anchor = self._anchors[b.group]
+            anchor = anchors[b.group]
             if b.delta and anchor is not None:
                 b.anchor = anchor[b.group_offset : b.group_offset + b.numel]
                 b.anchor_views = shaped_views(b.anchor, b.sources)
+
+    @contextlib.contextmanager
+    def _anchors_on_device(self) -> Iterator[None]:
+        """With ``cpu_offload``: the anchors visit the tensors' device for a round (which reads
+        and updates them there), and go back to CPU memory after it."""
+        homes = list(self._anchors)
+        devices = [next(b.device for b in self.buckets if b.group == g) for g in range(len(homes))]
+        visit = self.cpu_offload and self.anchored
+        visit = visit and (self._visit_cpu or any(d.type != "cpu" for d in devices))
+        if not visit:
+            yield
+            return
+        visitors = [
+            None if home is None else home.to(device, non_blocking=True, copy=True)
+            for home, device in zip(homes, devices)
+        ]
+        self._bind_anchors(visitors)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for home, visitor in zip(homes, visitors):
+                    if home is not None and visitor is not None:
+                        home.copy_(visitor)
+            self._bind_anchors(homes)
 
     def anchor_tensors(self) -> list[Tensor]:
         """The full-precision copies kept for 16-bit deltas, one flat tensor per group."""
@@ -216,7 +286,10 @@ class BucketedAverager:
             self._set_anchor_storage()
             with torch.no_grad():
                 for b in self.buckets:
-                    if b.delta:
+                    if b.delta and b.span is not None:
+                        assert b.anchor is not None
+                        b.anchor.copy_(b.span)
+                    elif b.delta:
                         copy_all(b.anchor_views, b.sources)
 
     @torch.no_grad()
@@ -234,7 +307,7 @@ class BucketedAverager:
     def _exchange_header(self, step: int, kind: str, check_diverged: bool) -> bool:
         """The header before any payload: same kind and step everywhere (else raise), every
         rank finite (else raise or skip), ranks not secretly synchronised; whether to go on."""
-        finite, fingerprint = finite_and_fingerprint(self._tensors)
+        finite, fingerprint = finite_and_fingerprint(self._checked)
         previous, self._fingerprint = self._fingerprint, fingerprint
         changed = check_diverged and previous is not None and fingerprint != previous
         fits = not self.anchored or all(
@@ -275,28 +348,47 @@ class BucketedAverager:
             self.finish()
         began = time.perf_counter()
         try:
-            applied = self._exchange_header(step, kind, check_diverged)
-            if applied and any(b.delta for b in self.buckets) and not self.anchored:
-                self._full_precision_round(step)
-            elif applied:
-                self._pipelined_round(step)
+            with self._anchors_on_device():
+                applied = self._exchange_header(step, kind, check_diverged)
+                if applied and any(b.delta for b in self.buckets) and not self.anchored:
+                    self._full_precision_round(step)
+                elif applied:
+                    self._pipelined_round(step)
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += int(applied)
         return applied
 
     def _pipelined_round(self, step: int) -> None:
-        def start(i: int) -> dist.Work:
-            b = self.buckets[i]
-            pack(b, b.payload, b.payload_views, self.world_size)
-            return start_all_reduce(b.wire, self.process_group, self.stats, step)
+        # One collective on the wire at a time, the work on its neighbours done meanwhile: the
+        # next bucket is packed while this one travels, and this one is unpacked while the next
+        # travels. (Two collectives in flight share the link and land together, which leaves
+        # every unpack to the end.) A bucket's pool buffer was last used two buckets earlier,
+        # which has landed by then.
+        def launch(b: Bucket) -> dist.Work:
+            op = dist.ReduceOp.AVG if b.backend_averages else dist.ReduceOp.SUM
+            return start_all_reduce(b.wire, self.process_group, self.stats, step, op)
 
-        def land(i: int, work: dist.Work) -> bool:
-            wait(work, self.stats, step)
-            unpack(self.buckets[i], self.world_size)
-            return True
-
-        pipeline(self._previous_user, start, land, lambda work: wait(work, self.stats, step))
+        buckets = self.buckets
+        if not buckets:
+            return
+        pack(buckets[0], buckets[0].payload, buckets[0].payload_views, self.world_size)
+        work: dist.Work | None = launch(buckets[0])
+        try:
+            for i, b in enumerate(buckets):
+                following = buckets[i + 1] if i + 1 < len(buckets) else None
+                if following is not None:
+                    pack(following, following.payload, following.payload_views, self.world_size)
+                assert work is not None
+                landed, work = work, None
+                wait(landed, self.stats, step)
+                if following is not None:
+                    work = launch(following)
+                unpack(b, self.world_size)
+        except BaseException:
+            if work is not None:  # every rank started it: wait for it before raising
+                wait(work, self.stats, step)
+            raise
 
     def _full_precision_round(self, step: int) -> None:
         # The first round with 16-bit deltas has nothing to take deltas against: average in full
@@ -304,19 +396,25 @@ class BucketedAverager:
         # reference. Rare, so one bucket at a time.
         self._set_anchor_storage()
         for b in self.buckets:
-            if b.delta:
+            copied = b.span is None
+            if not copied:
+                wire, views = b.span, []  # the tensors' own memory, in full precision
+            elif b.delta:
                 assert b.scratch is not None
                 wire, views = b.scratch, b.scratch_views
             else:
                 wire, views = b.wire, b.payload_views
-            copy_all(views, b.sources)
+            assert wire is not None
+            if copied:
+                copy_all(views, b.sources)
             first = b.prescaled and not b.delta  # float16 on the wire: divide before the sum
             if first:
-                wire.div_(self.world_size)
+                divide_(wire, self.world_size)
             wait(start_all_reduce(wire, self.process_group, self.stats, step), self.stats, step)
             if not first:
-                wire.div_(self.world_size)
-            copy_all(b.sources, views)
+                divide_(wire, self.world_size)
+            if copied:
+                copy_all(b.sources, views)
             if b.delta:
                 assert b.anchor is not None
                 b.anchor.copy_(wire)
@@ -349,9 +447,10 @@ class BucketedAverager:
             return self.average(step, kind, check_diverged)
         began = time.perf_counter()
         try:
-            if not self._exchange_header(step, kind, check_diverged):
-                return False
-            self._in_flight.start(step)
+            with self._anchors_on_device():
+                if not self._exchange_header(step, kind, check_diverged):
+                    return False
+                self._in_flight.start(step)
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         return None
@@ -370,7 +469,8 @@ class BucketedAverager:
             return False
         began = time.perf_counter()
         try:
-            self._in_flight.finish()
+            with self._anchors_on_device():
+                self._in_flight.finish()
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += 1

@@ -16,7 +16,14 @@ from torch import Tensor
 
 from local_sgd_optim.comm.tensors import as_real, shaped_views
 
-__all__ = ["Bucket", "cut_into_buckets", "group_by_device_and_dtype", "pool_plan", "wire_dtype"]
+__all__ = [
+    "Bucket",
+    "contiguous_span",
+    "cut_into_buckets",
+    "group_by_device_and_dtype",
+    "pool_plan",
+    "wire_dtype",
+]
 
 
 @dataclass(eq=False)
@@ -57,6 +64,11 @@ class Bucket:
     sent_views: list[Tensor] = field(default_factory=list, init=False)
     anchor: Tensor | None = field(default=None, init=False)  # deltas: last averaged values
     anchor_views: list[Tensor] = field(default_factory=list, init=False)
+    # The sources as one 1-D view, where they lie back to back in one storage (parameters
+    # placed in bucket storage): the round then works on the tensors' own memory.
+    span: Tensor | None = field(default=None, init=False)
+    # The backend computes the mean itself (NCCL's ReduceOp.AVG): no division pass after it.
+    backend_averages: bool = field(default=False, init=False)
 
     @property
     def delta(self) -> bool:
@@ -68,6 +80,11 @@ class Bucket:
         """Whether each rank divides by the world size before the sum rather than after: for
         float16 on the wire, whose sum of N values near its top (65504) would overflow."""
         return self.wire_dtype == torch.float16
+
+    @property
+    def in_place(self) -> bool:
+        """Whether the full-precision payload is the tensors' own memory (nothing is copied)."""
+        return self.span is not None and not self.delta
 
     @property
     def wire_bytes(self) -> int:
@@ -83,6 +100,22 @@ class Bucket:
         """Use ``wire`` for this bucket's collective."""
         self.wire = wire
         self.payload_views = shaped_views(wire, self.sources)
+
+
+def contiguous_span(pieces: Sequence[Tensor]) -> Tensor | None:
+    """One 1-D view over ``pieces`` when they lie back to back, in order, in one storage;
+    ``None`` otherwise."""
+    if not pieces or not all(p.is_contiguous() for p in pieces):
+        return None
+    first = pieces[0]
+    storage = first.untyped_storage().data_ptr()
+    expected = first.data_ptr()
+    for piece in pieces:
+        if piece.untyped_storage().data_ptr() != storage or piece.data_ptr() != expected:
+            return None
+        expected += piece.numel() * piece.element_size()
+    numel = sum(p.numel() for p in pieces)
+    return first.detach().as_strided((numel,), (1,), first.storage_offset())
 
 
 def group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[tuple[int, Tensor]]]:

@@ -11,25 +11,30 @@ import torch
 from torch import Tensor
 
 from local_sgd_optim.comm.buckets import Bucket
-from local_sgd_optim.comm.tensors import copy_all
+from local_sgd_optim.comm.tensors import copy_all, divide_
 
 __all__ = ["apply_overlapped", "delta_fits_float16", "pack", "unpack"]
 
 
 def pack(b: Bucket, payload: Tensor, payload_views: list[Tensor], world_size: int) -> None:
     """Write what ``b`` sends into ``payload``: its values, or their delta from the anchor
-    (divided by ``world_size`` already for a :attr:`~Bucket.prescaled` bucket)."""
+    (divided by ``world_size`` already for a :attr:`~Bucket.prescaled` bucket). An
+    :attr:`~Bucket.in_place` bucket's payload is its tensors' memory: nothing is copied."""
     if b.delta:
         assert b.scratch is not None and b.anchor is not None
-        copy_all(b.scratch_views, b.sources)
-        b.scratch.sub_(b.anchor)
+        if b.span is not None:
+            torch.sub(b.span, b.anchor, out=b.scratch)  # one pass: read both, write once
+        else:
+            copy_all(b.scratch_views, b.sources)
+            b.scratch.sub_(b.anchor)
         if b.prescaled:
-            b.scratch.div_(world_size)
+            divide_(b.scratch, world_size)
         payload.copy_(b.scratch)
     else:
-        copy_all(payload_views, b.sources)
+        if not b.in_place:
+            copy_all(payload_views, b.sources)
         if b.prescaled:
-            payload.div_(world_size)
+            divide_(payload, world_size)
 
 
 def _scale(b: Bucket, world_size: int) -> float:
@@ -43,11 +48,15 @@ def unpack(b: Bucket, world_size: int) -> None:
         assert b.scratch is not None and b.anchor is not None
         b.scratch.copy_(b.payload)
         b.anchor.add_(b.scratch, alpha=_scale(b, world_size))
-        copy_all(b.sources, b.anchor_views)
+        if b.span is not None:
+            b.span.copy_(b.anchor)
+        else:
+            copy_all(b.sources, b.anchor_views)
     else:
-        if not b.prescaled:
-            b.payload.div_(world_size)
-        copy_all(b.sources, b.payload_views)
+        if not b.prescaled and not b.backend_averages:
+            divide_(b.payload, world_size)
+        if not b.in_place:
+            copy_all(b.sources, b.payload_views)
 
 
 def apply_overlapped(b: Bucket, world_size: int) -> None:

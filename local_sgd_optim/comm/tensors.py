@@ -8,7 +8,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "as_real", "copy_all", "finite_and_fingerprint", "shaped_views"]
+__all__ = [
+    "all_finite",
+    "as_real",
+    "copy_all",
+    "divide_",
+    "finite_and_fingerprint",
+    "shaped_views",
+]
 
 
 def as_real(tensor: Tensor) -> Tensor:
@@ -23,6 +30,15 @@ def copy_all(destinations: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
     else:  # pragma: no cover - torch builds without the fused copy
         for destination, source in zip(destinations, sources):
             destination.copy_(source)
+
+
+def divide_(tensor: Tensor, divisor: int) -> None:
+    """``tensor.div_(divisor)``, as a multiplication where that gives the same bits: by the
+    reciprocal of a power of two, which is exact (a multiplication is the cheaper pass)."""
+    if divisor & (divisor - 1) == 0:
+        tensor.mul_(1.0 / divisor)
+    else:
+        tensor.div_(divisor)
 
 
 def shaped_views(flat: Tensor, sources: Sequence[Tensor]) -> list[Tensor]:
