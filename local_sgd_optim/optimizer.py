@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from local_sgd_optim import state_entry
 from local_sgd_optim.agreement import agree_across_ranks
 from local_sgd_optim.arguments import Ownership, check_arguments, could_communicate, first_device
+from local_sgd_optim.checkpoint import dcp
 from local_sgd_optim.clock import Clock
 from local_sgd_optim.comm.collectives import GradientAverager, broadcast_tensors
 from local_sgd_optim.comm.groups import group_rank, group_size
@@ -77,7 +78,16 @@ class LocalSGDOptimizer(DelegatingOptimizer):
     What is averaged: every floating-point parameter of ``model`` that requires grad (frozen ones
     are skipped; a parameter unfrozen later joins at the next round), parameters added with
     :meth:`add_param_group`, and floating-point buffers when ``average_buffers``. Integer buffers
-    such as ``num_batches_tracked`` are left alone. Parameters keep their own storage.
+    such as ``num_batches_tracked`` are left alone.
+
+    Where they live: with ``parameters_as_bucket_view`` (the default), the averaged parameters
+    and buffers are moved at construction into one flat tensor per device and dtype, laid out
+    as the communication buckets cut them (``param.data`` becomes a view of it, as DDP's
+    ``gradient_as_bucket_view`` does for gradients), so a round all-reduces them in place:
+    no copy in, no copy out, no buffer. ``state_dict()`` of the model then returns copies of
+    them, so no saver sees several tensors in one storage; :meth:`close` gives each its own
+    memory back. Tensors that share memory with another tensor of the model, sharded (FSDP)
+    parameters, and rounds with ``overlap_steps`` keep their own storage.
 
     How a round moves bytes (buckets, 16-bit deltas with a full-precision anchor, overlapped
     rounds) and the extra memory each option costs: see
@@ -110,6 +120,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         accumulation_steps (int): ``step()`` calls (micro-batches) per optimizer step (default: 1).
         average_buffers (bool): also average floating-point buffers (default: ``True``).
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
+            For a model sharded with FSDP2 over ``mesh["shard"]``, the ranks that hold the same
+            shards: ``mesh["replicate"].get_group()`` (``docs/fsdp2.md``).
         broadcast_initial (bool): at construction, copy rank 0's parameters and buffers to every
             rank, as DDP does, so ranks start identical even when seeded differently
             (default: ``True``). Build the optimizer *before* loading a per-rank checkpoint into
@@ -136,6 +148,12 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             (https://arxiv.org/abs/1910.00643) with heavy-ball momentum. Extra memory: one copy
             of the parameters and the outer optimizer's state. With ``overlap_steps`` it steps
             when a round lands, from the mean of the snapshots (default: ``None``).
+        cpu_offload (bool): keep the outer optimizer's copy of the parameters and its state in
+            CPU memory (pinned when CUDA is available) and move them to the parameters' device
+            only for the outer step at a round, as DiLoCo implementations do; the 16-bit
+            ``comm_dtype`` anchor follows the same setting. The numbers are those without
+            offloading; each round then copies the kept parameters and state to the device and
+            back (default: ``False``).
         local_period (int, optional): two-level averaging: also average inside ``local_group``
             every ``local_period`` optimizer steps; smaller than ``period`` (default: ``None``).
         local_group (ProcessGroup or str, optional): this rank's subgroup for ``local_period``,
@@ -147,16 +165,21 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             ranks: gradients were all-reduced behind the wrapper's back, or every rank trains
             on the same data. Pass ``True`` if every rank really is meant to see the same data
             (default: ``False``).
+        parameters_as_bucket_view (bool): place the averaged tensors in bucket storage so that
+            rounds average them in place (see above); ``False`` keeps each in its own memory,
+            at the cost of a copy in and a copy out per round (default: ``True``).
 
     Raises:
-        TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is
-            sharded (FSDP, DTensor parameters), or a flag is not a bool.
+        TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
+            FSDP1 ``FullyShardedDataParallel``, or a flag is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer,
             ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not a 16-bit float type,
             ``overlap_steps`` is negative or not below ``period``, ``on_nonfinite`` is neither
             ``"raise"`` nor ``"skip"``, ``base_optimizer`` holds parameters that are not in
-            ``model``, or ``base_optimizer`` is already wrapped by an open
-            ``LocalSGDOptimizer``.
+            ``model``, ``base_optimizer`` is already wrapped by an open
+            ``LocalSGDOptimizer``, or ``model`` has DTensor parameters (FSDP2) whose device
+            mesh shares ranks with ``process_group`` (HSDP, or no group given: see
+            ``docs/fsdp2.md``).
         RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
             DDP ``model`` already has a communication hook.
 
@@ -196,9 +219,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         on_nonfinite: str = "raise",
         warmup_steps: int = 0,
         outer_optimizer: Callable[[list[Tensor]], Optimizer] | None = None,
+        cpu_offload: bool = False,
         local_period: int | None = None,
         local_group: dist.ProcessGroup | str | None = None,
         allow_identical_ranks: bool = False,
+        parameters_as_bucket_view: bool = True,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         del arguments["base_optimizer"], arguments["model"], arguments["process_group"]
@@ -212,6 +237,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._clock = Clock.from_settings(settings)
         self._extra_params: list[Tensor] = []
         self._stats = CommStats()
+        self._last_step: tuple[float, float] | None = None  # perf_counter, round_seconds
         self._world_size = group_size(process_group) if settings.enabled else 1
         self._hook_state = HookState(self._clock, process_group, self._world_size, self._stats)
         self._header = RoundHeader(
@@ -243,6 +269,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         # Copies taken above (the outer optimizer's, the anchor for 16-bit deltas) must follow
         # weights loaded into the model before training starts: see Rounds.follow_loaded.
         self._built_state: list[tuple[int, int]] | None = self._rounds.signature()
+        # Set by a DCP-layout load: the model is loaded after it (dcp.LoadedParameters).
+        self._loaded_parameters: dcp.LoadedParameters | None = None
         self._log_settings()
 
     @staticmethod
@@ -431,16 +459,24 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
         Raises:
             ValueError: a closure was given with ``accumulation_steps > 1``, or a
-                ``GradScaler`` drives a wrapper with ``accumulation_steps > 1``.
+                ``GradScaler`` drives a wrapper with ``accumulation_steps > 1``; or, at the
+                first step after a ``torch.distributed.checkpoint`` load, a rank's model
+                parameters are not the ones it saved (raised on every rank: save and load with
+                :func:`~local_sgd_optim.checkpoint.dcp.per_replica`).
             RuntimeError: the optimizer was closed.
             RoundError: a round found the ranks out of step or non-finite values (see
                 ``on_nonfinite``), or its collective failed; raised on every rank.
         """
         # Set by torch.amp.GradScaler.step() for optimizers with _step_supports_amp_scaling.
         # (Instance attributes only: step() is on every training step's path, kept lean.)
+        if not self._base.state and dcp.initialising_state():
+            self._initialise_base_state()
+            return None
         grad_scale: Tensor | None = self.__dict__.get("grad_scale")
         found_inf: Tensor | None = self.__dict__.get("found_inf")
         self._check_step(closure, found_inf)
+        if self._loaded_parameters is not None:
+            self._verify_loaded_parameters(self._loaded_parameters)
         if self._built_state is not None:
             built, self._built_state = self._built_state, None
             self._rounds.follow_loaded(built, self._exchange_header, self._header)
@@ -464,12 +500,39 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         if not skip:
             loss = self._base.step() if closure is None else self._base.step(closure)
         self._clock.count_optimizer_step()
+        self._time_step()
         if self._ddp_watch is not None:  # training has started: any DDP has run by now
             self._ddp_watch.remove()
             self._ddp_watch = None
         if self._settings.enabled:
             self._run_due_rounds()
         return loss
+
+    def _verify_loaded_parameters(self, check: dcp.LoadedParameters) -> None:
+        """After a DCP-layout load, before anything else: raise on every rank if DCP gave a
+        rank's model another replica's parameters (see :class:`dcp.LoadedParameters`). Once
+        passed, never again until the next load: later steps pay one attribute test."""
+        exchange = self._exchange_header if self._communicates else None
+        check.verify(self._clock.optimizer_steps, exchange, self._header)
+        self._loaded_parameters = None
+
+    def _initialise_base_state(self) -> None:
+        """DCP's ``get_state_dict``/``set_state_dict`` step an optimizer without state once,
+        with zero gradients and lr 0, to create its state: the base optimizer takes it alone,
+        not counted and without a round, since no training happened."""
+        unchanged = self._built_state is not None and self._built_state == self._rounds.signature()
+        self._base.step()
+        if unchanged:  # parameters stepped by lr 0 are not weights loaded since construction
+            self._built_state = self._rounds.signature()
+
+    def _time_step(self) -> None:
+        """Add the time since the last optimizer step, rounds left out, to ``stats``."""
+        now, in_rounds = time.perf_counter(), self._stats.round_seconds
+        if self._last_step is not None:
+            then, in_rounds_then = self._last_step
+            self._stats.step_seconds += max(0.0, (now - then) - (in_rounds - in_rounds_then))
+            self._stats.steps_timed += 1
+        self._last_step = (now, in_rounds)
 
     def _check_step(self, closure: object, found_inf: Tensor | None) -> None:
         accumulation = self._settings.accumulation_steps
@@ -594,9 +657,15 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         Afterwards every rank holds the same values; useful before evaluating or saving a
         single model.
 
+        Raises:
+            ValueError: first after a ``torch.distributed.checkpoint`` load, a rank's model
+                parameters are not the ones it saved (see :meth:`step`); raised on every rank.
+
         .. warning::
             Every rank of the process group must call this at the same point.
         """
+        if self._loaded_parameters is not None:
+            self._verify_loaded_parameters(self._loaded_parameters)
         if self._settings.enabled:
             self._round(kind="average()")
 
@@ -613,12 +682,16 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             RoundError: the ranks took different numbers of optimizer steps, or another rank is
                 doing something else (a round); raised on every rank, with each rank's step
                 named, before any value changes.
+            ValueError: first after a ``torch.distributed.checkpoint`` load, a rank's model
+                parameters are not the ones it saved (see :meth:`step`); raised on every rank.
 
         .. warning::
             Every rank of the process group must call this.
         """
         if self._ownership.closed:
             return
+        if self._loaded_parameters is not None:
+            self._verify_loaded_parameters(self._loaded_parameters)
         clock = self._clock
         due = clock.optimizer_steps > clock.last_round_step or self._rounds.in_flight
         if self._communicates:
@@ -633,6 +706,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             # Applying a round in flight leaves each rank's own progress in place: the blocking
             # round after it is what makes the ranks identical.
             self._round(kind="close()")
+        self._rounds.release()  # each tensor in memory of its own again
         self._ownership.closed = True
 
     def __enter__(self) -> LocalSGDOptimizer:
@@ -664,7 +738,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         containers, loadable with ``torch.load(..., weights_only=True)``.
         """
         self._run_state_dict_pre_hooks()
-        return self._run_state_dict_post_hooks(self._snapshot())
+        state_dict = self._snapshot()
+        if dcp.requested_by_dcp():  # DCP keeps only "state" and "param_groups"
+            state_dict = dcp.to_dcp_layout(state_dict, self._rounds.tracked())
+        return self._run_state_dict_post_hooks(state_dict)
 
     def _snapshot(self) -> dict[str, Any]:
         """The state dict, without the user's state-dict hooks."""
@@ -685,7 +762,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         after the last one (at the next step if that is already past). A warning names each
         setting that differs from the checkpoint's. ``period``, ``warmup_steps``,
         ``accumulation_steps``, ``average_buffers``, ``bucket_cap_mb``, ``comm_dtype``,
-        ``overlap_steps`` and ``on_nonfinite`` may change between runs.
+        ``overlap_steps``, ``on_nonfinite`` and ``cpu_offload`` may change between runs.
 
         A plain optimizer checkpoint (no ``"local_sgd"`` entry) loads with a warning and the
         counters at zero. Everything is checked before anything is changed.
@@ -694,9 +771,14 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             ValueError: the ``"local_sgd"`` entry is malformed or does not fit this wrapper: a
                 different world size, ``local_period`` or presence of ``outer_optimizer``; a
                 round in flight that the new settings cannot apply; ``accumulation_steps``
-                changed in the middle of a window.
+                changed in the middle of a window; or, for a ``torch.distributed.checkpoint``
+                state dict, this rank's optimizer state is not the one it saved. Its model
+                parameters, loaded after the optimizer by ``set_state_dict``, are compared at
+                the next :meth:`step`, :meth:`average` or :meth:`close`.
         """
-        state_dict = dict(self._run_load_state_dict_pre_hooks(state_dict))
+        state_dict, saved_parameters = dcp.from_dcp_layout(
+            dict(self._run_load_state_dict_pre_hooks(state_dict))
+        )
         ours = state_dict.pop(state_entry.ENTRY_KEY, None)
         if ours is None:
             warnings.warn(
@@ -723,6 +805,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         warn_changes(self._settings, entry, changed)
         self._ownership.closed = False
         self._built_state = None  # a restored state keeps its own copies
+        self._loaded_parameters = (
+            None
+            if saved_parameters is None
+            else dcp.LoadedParameters.after_load(saved_parameters, self._rounds.tracked())
+        )
         self._broadcast.warn_if_replaced(self._model, self._clock)
         self._run_load_state_dict_post_hooks()
 
@@ -747,4 +834,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         if entry.outer is not None and self._rounds.outer is not None:
             self._rounds.outer.load_state_dict(entry.outer)
         self._stats.__init__(**entry.stats)  # type: ignore[misc]
+        # The interval to the next step is timed from here, so a resumed run times as many
+        # steps as an uninterrupted one.
+        self._last_step = (time.perf_counter(), self._stats.round_seconds)
         load_round_state(entry, changed, self._rounds.averager, self._rounds.local_averager)
