@@ -4,6 +4,8 @@ saver does with the model notices the difference."""
 
 from __future__ import annotations
 
+import copy
+import io
 from typing import Any
 
 import pytest
@@ -145,7 +147,15 @@ def _savers_see_separate_tensors() -> dict[str, Any]:
     inner = model.net[0].state_dict()
     placed = opt._rounds._residence
     assert placed is not None
+    # Whole-module pickling and deepcopy carry the hooks along: they must survive both.
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    copied = copy.deepcopy(model)
     return {
+        "pickled": all(torch.equal(state[k], v) for k, v in restored.state_dict().items()),
+        "deepcopied": all(torch.equal(state[k], v) for k, v in copied.state_dict().items()),
         "separate": len(_storages(list(plain.values()))) == len(plain),
         "values": all(torch.equal(state[k], v) for k, v in model.state_dict().items()),
         "cleaned_keys": sorted(cleaned),
@@ -166,7 +176,7 @@ def test_state_dict_hands_savers_tensors_of_their_own(ranks: Any) -> None:
         dropped = set(r["keys"]) - set(r["cleaned_keys"])
         assert dropped <= {"tied_b.weight", "tied_b.bias", "tied_a.weight", "tied_a.bias"}
         assert len(dropped) == 2
-        assert r["keep_vars_is_live"]
+        assert r["keep_vars_is_live"] and r["pickled"] and r["deepcopied"]
 
 
 def _shared_memory_stays_shared() -> dict[str, Any]:

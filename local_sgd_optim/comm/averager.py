@@ -1,10 +1,12 @@
 """``BucketedAverager``: averages a fixed list of tensors in place across a process group.
 
-Tensors are cut into buckets (:mod:`~local_sgd_optim.comm.buckets`); each bucket is packed into a
-wire buffer taken from a small pool allocated once, all-reduced with ``async_op=True`` and
-unpacked, so packing, communicating and unpacking of consecutive buckets overlap, and a round
-costs one collective per bucket rather than one per tensor (each gloo collective carries
-milliseconds of fixed latency). Tensors keep their own storage.
+Tensors are cut into buckets (:mod:`~local_sgd_optim.comm.buckets`), so that a round costs one
+collective per bucket rather than one per tensor (each gloo collective carries milliseconds of
+fixed latency). A bucket whose tensors lie back to back in one storage (placed there by
+:class:`~local_sgd_optim.comm.resident.Residence`, or a bucket of one whole tensor) is
+all-reduced where it lies, and only scaled afterwards. Any other bucket is packed into a wire
+buffer from a small pool allocated once, all-reduced with ``async_op=True`` and unpacked; one
+such collective is on the wire at a time while the next bucket is packed and the last unpacked.
 
 With a 16-bit ``comm_dtype``, ranks exchange the *delta* since the last round (the tensor minus a
 full-precision copy of the last averaged values, the *anchor*) in 16 bits and add the averaged
@@ -59,7 +61,9 @@ class BucketedAverager:
 
     Memory, allocated at construction and reused by every round (``C`` is ``bucket_cap_mb``):
 
-    - full precision, no overlap: two wire buffers of at most ``C`` each per device;
+    - full precision, no overlap: nothing for buckets whose tensors lie back to back in one
+      storage (all-reduced in place); two wire buffers of at most ``C`` each per device for
+      the others;
     - 16-bit ``comm_dtype``: one full-precision copy of the averaged tensors (the values of the
       last round, which deltas are taken against), two 16-bit wire buffers of at most ``C / 2``
       and one full-precision staging buffer of at most ``C`` per device;
@@ -359,35 +363,46 @@ class BucketedAverager:
         self.stats.rounds += int(applied)
         return applied
 
-    def _pipelined_round(self, step: int) -> None:
-        # One collective on the wire at a time, the work on its neighbours done meanwhile: the
-        # next bucket is packed while this one travels, and this one is unpacked while the next
-        # travels. (Two collectives in flight share the link and land together, which leaves
-        # every unpack to the end.) A bucket's pool buffer was last used two buckets earlier,
-        # which has landed by then.
-        def launch(b: Bucket) -> dist.Work:
-            op = dist.ReduceOp.AVG if b.backend_averages else dist.ReduceOp.SUM
-            return start_all_reduce(b.wire, self.process_group, self.stats, step, op)
+    def _start(self, b: Bucket, step: int) -> dist.Work:
+        op = dist.ReduceOp.AVG if b.backend_averages else dist.ReduceOp.SUM
+        return start_all_reduce(b.wire, self.process_group, self.stats, step, op)
 
-        buckets = self.buckets
-        if not buckets:
-            return
-        pack(buckets[0], buckets[0].payload, buckets[0].payload_views, self.world_size)
-        work: dist.Work | None = launch(buckets[0])
+    def _pipelined_round(self, step: int) -> None:
+        buckets, world = self.buckets, self.world_size
+        in_flight: list[dist.Work] = []  # started and not yet waited for, oldest first
         try:
+            if all(b.in_place for b in buckets):
+                # Nothing to copy: every bucket goes at once (gloo's threads run them side by
+                # side), and each is scaled as it lands.
+                for b in buckets:
+                    pack(b, b.payload, b.payload_views, world)  # float16: divide first
+                    in_flight.append(self._start(b, step))
+                for b in buckets:
+                    wait(in_flight.pop(0), self.stats, step)
+                    unpack(b, world)
+                return
+            # One collective on the wire at a time, the copies of its neighbours made
+            # meanwhile: the next bucket is packed while this one travels, and this one is
+            # unpacked while the next travels. (Two in flight share the link and land
+            # together, which would leave every unpack to the end.) A bucket's pool buffer was
+            # last used two buckets earlier, which has landed by then.
             for i, b in enumerate(buckets):
+                if i == 0:
+                    pack(b, b.payload, b.payload_views, world)
+                    in_flight.append(self._start(b, step))
                 following = buckets[i + 1] if i + 1 < len(buckets) else None
                 if following is not None:
-                    pack(following, following.payload, following.payload_views, self.world_size)
-                assert work is not None
-                landed, work = work, None
-                wait(landed, self.stats, step)
+                    pack(following, following.payload, following.payload_views, world)
+                wait(in_flight.pop(0), self.stats, step)
                 if following is not None:
-                    work = launch(following)
-                unpack(b, self.world_size)
+                    in_flight.append(self._start(following, step))
+                unpack(b, world)
         except BaseException:
-            if work is not None:  # every rank started it: wait for it before raising
-                wait(work, self.stats, step)
+            # Every rank started these: wait for them (whatever becomes of them) before the
+            # error goes up, so that no collective is left half done.
+            for work in in_flight:
+                with contextlib.suppress(Exception):
+                    work.wait()
             raise
 
     def _full_precision_round(self, step: int) -> None:

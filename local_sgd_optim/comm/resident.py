@@ -135,26 +135,50 @@ class Residence:
                 if t is not None and self.holds(t)
             ]
             if own:
-                hook = self._copy_hook(own)
+                hook = _CopyPlaced(self, own)
                 self._hooks.append(module._register_state_dict_hook(hook))  # type: ignore[no-untyped-call]
 
-    def _copy_hook(self, names: list[str]) -> Any:
-        def hook(module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
-            if id(state) != self._copies_for:  # a new state_dict() call
-                self._copies_for, self._copies = id(state), weakref.WeakValueDictionary()
-            for name in names:
-                value = state.get(prefix + name)
-                live = module._parameters.get(name, module._buffers.get(name))
-                # keep_vars=True hands out the tensor objects themselves: leave those alone.
-                if not isinstance(value, Tensor) or value is live or not self.holds(value):
-                    continue
-                # A tensor reached under two names (a module registered twice, tied weights)
-                # gets one copy, so that savers still see the tie. The shared version counter
-                # of the storage tells whether anything was written since the copy.
-                key = (value.data_ptr(), value.shape, value.stride(), value._version)
-                copy = self._copies.get(key)
-                if copy is None:
-                    copy = self._copies[key] = value.clone()
-                state[prefix + name] = copy
+    def copy_placed(
+        self, module: nn.Module, names: list[str], state: dict[str, Any], prefix: str
+    ) -> None:
+        """Replace ``module``'s placed tensors ``names`` in ``state`` by copies."""
+        if id(state) != self._copies_for:  # a new state_dict() call
+            self._copies_for, self._copies = id(state), weakref.WeakValueDictionary()
+        for name in names:
+            value = state.get(prefix + name)
+            live = module._parameters.get(name, module._buffers.get(name))
+            # keep_vars=True hands out the tensor objects themselves: leave those alone.
+            if not isinstance(value, Tensor) or value is live or not self.holds(value):
+                continue
+            # A tensor reached under two names (a module registered twice, tied weights) gets
+            # one copy, so that savers still see the tie; its version counter tells whether it
+            # was written since that copy was made.
+            key = (value.data_ptr(), value.shape, value.stride(), value._version)
+            copy = self._copies.get(key)
+            if copy is None:
+                copy = self._copies[key] = value.clone()
+            state[prefix + name] = copy
 
-        return hook
+
+def _inert() -> _CopyPlaced:
+    return _CopyPlaced(None, [])
+
+
+class _CopyPlaced:
+    """The state-dict hook of :meth:`Residence.protect_state_dict`.
+
+    It holds its residence weakly, and a pickled or deep-copied model gets an inert one: the
+    copy's tensors are not placed, and ``torch.save(model)`` must not fail on a local function.
+    """
+
+    def __init__(self, residence: Residence | None, names: list[str]) -> None:
+        self._residence = None if residence is None else weakref.ref(residence)
+        self._names = names
+
+    def __call__(self, module: nn.Module, state: dict[str, Any], prefix: str, _meta: Any) -> None:
+        residence = None if self._residence is None else self._residence()
+        if residence is not None:
+            residence.copy_placed(module, self._names, state, prefix)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inert, ())
