@@ -52,8 +52,8 @@ METHODS = [
     "ours fp32",
     "ours fp32 (4 MiB buckets)",
     "ours bf16",
-    "ours fp32, placed",
-    "ours bf16, placed",
+    "ours fp32 placed",
+    "ours bf16 placed",
 ]
 
 

@@ -33,6 +33,10 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
+# The same learnable synthetic task as the minimal example (this folder is on sys.path when
+# the script runs).
+from train_minimal import Teacher
+
 from local_sgd_optim import LocalSGDOptimizer
 
 
@@ -50,20 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     return parser.parse_args()
-
-
-class Teacher:
-    """A fixed random two-layer network labelling Gaussian inputs: learnable, not trivially."""
-
-    def __init__(self, features: int = 32, classes: int = 10) -> None:
-        g = torch.Generator().manual_seed(1234)  # the same task on every rank
-        self.w1 = torch.randn(features, 64, generator=g) / features**0.5
-        self.w2 = torch.randn(64, classes, generator=g)
-        self.features = features
-
-    def batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, self.features, generator=generator)
-        return x, (torch.tanh(x @ self.w1) @ self.w2).argmax(dim=1)
 
 
 class Block(nn.Module):
