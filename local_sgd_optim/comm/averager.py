@@ -170,14 +170,16 @@ class BucketedAverager:
                 full = not b.delta and not b.prescaled
                 b.backend_averages = full and backend_averages(self.process_group, b.device)
             # Buckets whose tensors lie apart are copied through a small pool of buffers.
-            pooled = [i for i, b in enumerate(self.buckets) if not b.in_place]
-            plan = pool_plan([self.buckets[i] for i in pooled], POOL_SLOTS)
+            pooled = [b for b in self.buckets if not b.in_place]
+            sizes: dict[torch.device, int] = {}
+            for b in pooled:
+                sizes[b.device] = max(sizes.get(b.device, 0), b.wire_bytes)
             pools: dict[tuple[torch.device, int], Tensor] = {}
-            for i, (slot, _) in zip(pooled, plan):
-                b = self.buckets[i]
-                size = max(self.buckets[j].wire_bytes for j in pooled)
+            for b, (slot, _) in zip(pooled, pool_plan(pooled, POOL_SLOTS)):
                 if (b.device, slot) not in pools:
-                    pools[b.device, slot] = torch.empty(size, dtype=torch.uint8, device=b.device)
+                    pools[b.device, slot] = torch.empty(
+                        sizes[b.device], dtype=torch.uint8, device=b.device
+                    )
                 b.set_wire(pools[b.device, slot][: b.wire_bytes].view(b.wire_dtype))
         # What the header reads for NaN: a bucket's span in one piece where it has one.
         self._checked = [
@@ -238,11 +240,12 @@ class BucketedAverager:
     def _anchors_on_device(self) -> Iterator[None]:
         """With ``cpu_offload``: the anchors visit the tensors' device for a round (which reads
         and updates them there), and go back to CPU memory after it."""
+        if not (self.cpu_offload and self.anchored):
+            yield
+            return
         homes = list(self._anchors)
         devices = [next(b.device for b in self.buckets if b.group == g) for g in range(len(homes))]
-        visit = self.cpu_offload and self.anchored
-        visit = visit and (self._visit_cpu or any(d.type != "cpu" for d in devices))
-        if not visit:
+        if not (self._visit_cpu or any(d.type != "cpu" for d in devices)):
             yield
             return
         visitors = [
@@ -386,10 +389,10 @@ class BucketedAverager:
             # unpacked while the next travels. (Two in flight share the link and land
             # together, which would leave every unpack to the end.) A bucket's pool buffer was
             # last used two buckets earlier, which has landed by then.
+            if buckets:
+                pack(buckets[0], buckets[0].payload, buckets[0].payload_views, world)
+                in_flight.append(self._start(buckets[0], step))
             for i, b in enumerate(buckets):
-                if i == 0:
-                    pack(b, b.payload, b.payload_views, world)
-                    in_flight.append(self._start(b, step))
                 following = buckets[i + 1] if i + 1 < len(buckets) else None
                 if following is not None:
                     pack(following, following.payload, following.payload_views, world)

@@ -104,11 +104,6 @@ class Residence:
         self.flats.append(flat)
         self.placed.extend(tensors)
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the flat storage (the placed tensors' memory, not extra memory)."""
-        return sum(f.numel() * f.element_size() for f in self.flats)
-
     def holds(self, tensor: Tensor) -> bool:
         """Whether ``tensor`` lives in this residence's storage."""
         return tensor.numel() > 0 and tensor.untyped_storage().data_ptr() in self._storages
