@@ -10,6 +10,7 @@ progress since its snapshot on top of the result.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
@@ -22,6 +23,13 @@ from local_sgd_optim.comm.overlap import Piece
 from local_sgd_optim.comm.tensors import copy_all
 
 __all__ = ["OuterOptimizer"]
+
+
+def _moved_to(
+    device: torch.device, dtype: torch.dtype | None = None, non_blocking: bool = False
+) -> Callable[[str, Tensor], Tensor]:
+    """A conversion for :meth:`OuterOptimizer._convert`: each tensor moved to ``device``."""
+    return lambda _name, t: t.to(device=device, dtype=dtype, non_blocking=non_blocking)
 
 
 class OuterOptimizer:
@@ -43,6 +51,9 @@ class OuterOptimizer:
         >>> outer.build(params)
         >>> averager.average(); outer.step_from_mean(params)
     """
+
+    # Tests set this to make a CPU model's offloaded state take the path a GPU model's does.
+    _visit_cpu = False
 
     def __init__(
         self, factory: Callable[[list[Tensor]], Optimizer], ready: bool, cpu_offload: bool = False
@@ -86,21 +97,25 @@ class OuterOptimizer:
         pinned = torch.cuda.is_available()
         return torch.empty_like(source, device="cpu", pin_memory=pinned).copy_(source)
 
+    def _convert(self, kept: Tensor, convert: Callable[[str, Tensor], Tensor]) -> None:
+        """Replace ``kept``'s values, its gradient and its optimizer state by
+        ``convert(name, tensor)`` (name ``""``, ``"grad"`` or ``"state.<key>"``)."""
+        assert self.optimizer is not None
+        values = self.optimizer.state.get(kept, {})
+        kept.data = convert("", kept.data)
+        if kept.grad is not None:
+            kept.grad = convert("grad", kept.grad)
+        for name, value in values.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                values[name] = convert(f"state.{name}", value)
+
     def _follow(self, sources: Sequence[Tensor]) -> None:
         """Move the kept copy, its gradient and the optimizer's state to where the parameters
         went (``model.to(device)`` after the wrapper was built; CPU memory when offloaded)."""
-        assert self.optimizer is not None
         for kept, source in zip(self.kept, sources):
             device = self._home_device(source)
-            if kept.device == device and kept.dtype == source.dtype:
-                continue
-            state = self.optimizer.state.get(kept, {})
-            kept.data = kept.data.to(device, source.dtype)
-            if kept.grad is not None:
-                kept.grad = kept.grad.to(device, source.dtype)
-            for name, value in state.items():
-                if isinstance(value, Tensor) and value.dim() > 0:
-                    state[name] = value.to(device, source.dtype)
+            if kept.device != device or kept.dtype != source.dtype:
+                self._convert(kept, _moved_to(device, source.dtype))
 
     def _back_home(self, index: int, name: str, tensor: Tensor) -> Tensor:
         """``tensor``'s values in this copy's pinned buffer for ``name`` (made on first use)."""
@@ -114,32 +129,18 @@ class OuterOptimizer:
     def _on_device(self, sources: Sequence[Tensor]) -> Iterator[None]:
         """With ``cpu_offload``: the kept copy, its gradient and the optimizer's state on the
         parameters' device for the duration (an outer step), back in CPU memory afterwards."""
-        assert self.optimizer is not None
-        devices = {s.device for s in sources}
-        if not self._offload or devices <= {torch.device("cpu")}:
+        on_cpu = {s.device for s in sources} <= {torch.device("cpu")}
+        if not self._offload or (on_cpu and not self._visit_cpu):
             yield
             return
-        state = self.optimizer.state
         for kept, source in zip(self.kept, sources):
-            kept.data = kept.data.to(source.device, non_blocking=True)
-            if kept.grad is not None:
-                kept.grad = kept.grad.to(source.device, non_blocking=True)
-            values = state.get(kept, {})
-            for name, value in values.items():
-                if isinstance(value, Tensor) and value.dim() > 0:
-                    values[name] = value.to(source.device, non_blocking=True)
+            self._convert(kept, _moved_to(source.device, non_blocking=True))
         try:
             yield
         finally:
             # State the step created (momentum at the first step) is on the device: it joins.
             for index, kept in enumerate(self.kept):
-                kept.data = self._back_home(index, "", kept.data)
-                if kept.grad is not None:
-                    kept.grad = self._back_home(index, "grad", kept.grad)
-                values = state.get(kept, {})
-                for name, value in values.items():
-                    if isinstance(value, Tensor) and value.dim() > 0:
-                        values[name] = self._back_home(index, f"state.{name}", value)
+                self._convert(kept, functools.partial(self._back_home, index))
 
     def _restart_if_changed(self, sources: Sequence[Tensor]) -> None:
         if [id(t) for t in sources] == self._plan:

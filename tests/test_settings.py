@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from local_sgd_optim import LocalSGDOptimizer
+from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 
 
@@ -168,6 +169,26 @@ def test_cpu_offload_keeps_outer_state_in_cpu_memory_with_the_same_numbers() -> 
     assert len(kept) > 6 and all(t.device.type == "cpu" for t in kept)  # copy, grads, Adam
     for a, b in zip(kept, _outer_tensors(plain)):
         assert torch.equal(a, b)
+
+
+def test_offloaded_state_visits_the_device_and_comes_back_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On CPU the visit is skipped (the device is the CPU); forced, it takes the GPU's path.
+    monkeypatch.setattr(OuterOptimizer, "_visit_cpu", True)
+    params, offloaded = _diloco_run(cpu_offload=True)
+    monkeypatch.setattr(OuterOptimizer, "_visit_cpu", False)
+    reference, plain = _diloco_run(cpu_offload=False)
+    assert torch.equal(params, reference)
+    kept = _outer_tensors(offloaded)
+    for a, b in zip(kept, _outer_tensors(plain)):
+        assert torch.equal(a, b)
+    # After each round, the copy, its gradient and the Adam state created at the first outer
+    # step all live in the reused home buffers.
+    outer = offloaded._rounds.outer
+    assert outer is not None
+    homes = {buffer.data_ptr() for buffer in outer._host.values()}
+    assert len(kept) > 6 and all(t.data_ptr() in homes for t in kept)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: offloading from a GPU")
