@@ -60,6 +60,7 @@ from torch import Tensor
 
 from local_sgd_optim import state_entry
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
+from local_sgd_optim.sharded import local_tensor
 from local_sgd_optim.tracked import Tracked, outer_sources
 
 __all__ = [
@@ -119,20 +120,21 @@ def requested_by_dcp() -> bool:
     return _dcp_frame(None)
 
 
-def _local(tensor: Tensor) -> Tensor:
-    to_local = getattr(tensor, "to_local", None)  # a DTensor: this rank's shard
-    return to_local() if callable(to_local) else tensor
-
-
 def _tensors(value: object) -> Iterator[Tensor]:
     if isinstance(value, Tensor):
-        yield _local(value)
+        yield local_tensor(value)  # a DTensor: this rank's shard
     elif isinstance(value, dict):
         for item in value.values():
             yield from _tensors(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _tensors(item)
+
+
+def _bits(flat: Tensor) -> Tensor:
+    """The 1-D ``flat``'s bits as integers of the same width (a view where it can be)."""
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    return flat.contiguous().view(as_int)
 
 
 def _fingerprint(optimizer_state: object) -> int:
@@ -146,10 +148,7 @@ def _fingerprint(optimizer_state: object) -> int:
         flat = tensor.detach().reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
-        width = flat.element_size()
-        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
-        bits = flat.contiguous().view(as_int)
-        total += int(bits.sum(dtype=torch.int64).item())
+        total += int(_bits(flat).sum(dtype=torch.int64).item())
     return total % 2**63
 
 
@@ -164,11 +163,7 @@ def _parameters_fingerprint(entries: Sequence[Tracked]) -> int:
         flat = tensor.detach().reshape(-1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
-        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[
-            flat.element_size()
-        ]
-        bits = flat.contiguous().view(as_int)
-        sums.setdefault(flat.device, []).append(bits.sum(dtype=torch.int64))
+        sums.setdefault(flat.device, []).append(_bits(flat).sum(dtype=torch.int64))
     values = [v for group in sums.values() for v in torch.stack(group).cpu().tolist()]
     raw = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 2
