@@ -5,15 +5,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
-from _harness import Pools
 
-
-@pytest.fixture(scope="session")
-def ranks() -> Iterator[Pools]:
-    """Run a module-level function on N gloo ranks: ``ranks.run(fn, *args, world_size=2)``."""
-    pools = Pools()
-    yield pools
-    pools.close()
+# The public plugin: the session-wide `ranks` fixture, `ranks.run(fn, *args, world_size=2)`,
+# and the --ranks-launcher option.
+pytest_plugins = ["local_sgd_optim.testing"]
 
 
 @pytest.fixture

@@ -88,6 +88,10 @@ if __name__ == "__main__":
         "metadata_version": md.version("local_sgd_optim"),
         "py_typed": os.path.isfile(os.path.join(package, "py.typed")),
         "accelerate_module": os.path.isfile(os.path.join(package, "accelerate.py")),
+        # Imported by nothing but an opt-in: `import local_sgd_optim` must not need pytest.
+        "pytest_imported": sorted(
+            m for m in sys.modules if m == "pytest" or m.startswith("local_sgd_optim.testing")
+        ),
         "exit_codes": [p.exitcode for p in procs],
         "rounds": [g[3] for g in got],
         "ranks_differed": float((got[0][1] - got[1][1]).abs().max()),
@@ -201,6 +205,7 @@ def test_sdist_contents(dist_dir: Path) -> None:
         "local_sgd_optim/__init__.py",
         "local_sgd_optim/accelerate.py",
         "local_sgd_optim/py.typed",
+        "local_sgd_optim/testing/__init__.py",
         "tests/conftest.py",
         "tests/_harness.py",
         "tests/_common.py",
@@ -220,6 +225,12 @@ def test_wheel_contents(dist_dir: Path) -> None:
         metadata = zf.read(f"local_sgd_optim-{version}.dist-info/METADATA").decode()
     assert "local_sgd_optim/py.typed" in names
     assert "local_sgd_optim/accelerate.py" in names
+    # The pytest plugin ships, and is opt-in: no pytest11 entry point would load it (and torch)
+    # into every pytest run of the environment.
+    assert {"local_sgd_optim/testing/__init__.py", "local_sgd_optim/testing/__main__.py"} <= names
+    with zipfile.ZipFile(wheel) as zf:
+        entry_points = [zf.read(n).decode() for n in names if n.endswith("entry_points.txt")]
+    assert not [text for text in entry_points if "pytest11" in text]
     assert not [n for n in names if n.startswith(("tests/", "examples/"))]
     assert any(n.endswith("LICENSE") and ".dist-info/" in n for n in names)
     assert f"Version: {version}" in metadata.splitlines()
@@ -238,6 +249,7 @@ def test_installs_into_a_fresh_virtualenv(dist_dir: Path, tmp_path: Path, kind: 
     assert installed.is_relative_to(Path(result["venv"]).resolve()), result
     assert result["version"] == result["metadata_version"] == _version_in_setup_cfg()
     assert result["py_typed"] and result["accelerate_module"]
+    assert result["pytest_imported"] == [], result
     assert result["exit_codes"] == [0, 0]
     assert result["rounds"] == [1, 1]
     assert result["ranks_differed"] > 1e-3  # different batches: local steps diverged
