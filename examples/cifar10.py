@@ -43,9 +43,11 @@ averaged model, loadable with ``torch.load(..., weights_only=True)``).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import random
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if rank == 0:
         torch.save(net.state_dict(), args.out_dir / "final_model.pt")  # the averaged model
     print_summary(run, test_accuracy)
+    del run, opt, scheduler  # nothing of the optimizer left for interpreter shutdown to free
     shutdown_distributed()
 
 
@@ -121,10 +124,19 @@ def setup_distributed(backend: str) -> tuple[int, int, torch.device]:
 
 def shutdown_distributed() -> None:
     if dist.is_initialized():
-        # Without a barrier, a rank that tears down its connections while another still
-        # finishes the last collective can make gloo abort that process at exit.
+        # With gloo, a finished process can abort at exit when a rank tears down its
+        # connections while another still finishes the last collective, or when objects of the
+        # run are left for interpreter shutdown to free (docs/mixed-precision-and-faults.md).
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def notice(text: str) -> None:
+    """An event the user must see (a checkpoint skipped, a run re-sharded), on stderr: part of
+    the script's output, so that silenced warnings cannot hide it."""
+    print(f"note: {text}", file=sys.stderr, flush=True)
 
 
 def print0(text: str) -> None:
@@ -281,7 +293,7 @@ def train(run: Run) -> float:
             f"epoch {epoch + 1}/{args.epochs}  step {opt.optimizer_steps}  "
             f"train loss {train_loss:.4f}  train acc {train_accuracy:.4f}  "
             f"test loss {test_loss:.4f}  test acc {test_accuracy:.4f}  "
-            f"rounds {opt.averaging_rounds}"
+            f"rounds {opt.stats.rounds}"
         )
         run.batches_done = 0
     opt.close()
@@ -438,7 +450,15 @@ def find_checkpoint(args: argparse.Namespace, rank: int) -> Path | None:
     """
     if args.resume != "latest":
         return Path(args.resume)
-    found = checkpoint.latest(args.checkpoint_dir) if rank == 0 else None
+    found = None
+    if rank == 0:
+        # The library reports a skipped checkpoint with a warning; warnings are often silenced
+        # (PYTHONWARNINGS=ignore) where libraries are noisy, so say it in the script's output.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            found = checkpoint.latest(args.checkpoint_dir)
+        for warning in caught:
+            notice(str(warning.message))
     path = broadcast_from_rank0(None if found is None else str(found[1]))
     return None if path is None else Path(path)
 
@@ -474,10 +494,9 @@ def load_checkpoint(path: Path, run: Run) -> dict[str, Any]:
         window = args.batch_size * world_size * args.accumulation_steps
         state["batches_done"] = consumed // window * args.accumulation_steps
         if run.rank == 0:
-            warnings.warn(
+            notice(
                 f"re-sharded {path} from {state['world_size']} to {world_size} rank(s): models "
-                "and optimizer states averaged; the run is not an exact continuation",
-                stacklevel=2,
+                "and optimizer states averaged; the run is not an exact continuation"
             )
     return state
 
@@ -558,7 +577,7 @@ def log_train(run: Run, interval: Tensor, bar: tqdm) -> None:
         loss=f"{loss:.3f}",
         acc=f"{accuracy:.3f}",
         steps_s=f"{steps_per_second:.2f}",
-        rounds=run.opt.averaging_rounds,
+        rounds=run.opt.stats.rounds,
     )
 
 
@@ -566,7 +585,7 @@ def print_summary(run: Run, test_accuracy: float) -> None:
     steps = run.opt.optimizer_steps
     print0(
         f"done: {run.mode}, {run.world_size} rank(s), {steps} steps "
-        f"({steps / run.data.steps_per_epoch:.2f} epochs), {run.opt.averaging_rounds} "
+        f"({steps / run.data.steps_per_epoch:.2f} epochs), {run.opt.stats.rounds} "
         f"averaging rounds, test accuracy {test_accuracy:.4f}, "
         f"{run.clock.steps_per_second():.2f} steps/s, "
         f"{run.communicated()[0] / 1e6:.1f} MB communicated per rank, "

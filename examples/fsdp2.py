@@ -24,6 +24,7 @@ replicas hold the same parameters after the final round.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -131,7 +132,7 @@ def main() -> None:
             opt.zero_grad()
             if rank == 0 and (step % args.log_every == 0 or step == 1):
                 print(
-                    f"step {step:5d}  loss {loss.item():.4f}  rounds {opt.averaging_rounds}  "
+                    f"step {step:5d}  loss {loss.item():.4f}  rounds {opt.stats.rounds}  "
                     f"bytes across replicas {opt.stats.bytes_communicated:,}",
                     flush=True,
                 )
@@ -153,16 +154,20 @@ def main() -> None:
         print(
             f"done: {args.replicas} replica(s) x {shards} shard(s), "
             f"{'DiLoCo' if args.diloco else 'Local SGD'}, {opt.optimizer_steps} steps, "
-            f"{opt.averaging_rounds} rounds, {opt.optimizer_steps / elapsed:.1f} steps/s, "
+            f"{opt.stats.rounds} rounds, {opt.optimizer_steps / elapsed:.1f} steps/s, "
             f"bytes across replicas {sent:,} (HSDP: {hsdp_bytes:,}, "
             f"{hsdp_bytes / max(sent, 1):.1f}x more), test accuracy {accuracy:.3f}, "
             f"replica {replica}'s shards equal the other replicas': {'yes' if identical else 'no'}",
             flush=True,
         )
-    # Without a barrier, a rank that tears down its connections while another still finishes
-    # the last collective can make gloo abort that process at exit.
+    # Leave nothing of the wrapper for interpreter shutdown to free, and let no rank tear down
+    # its connections while another still finishes the last collective: with gloo, either can
+    # abort a finished process at exit (docs/mixed-precision-and-faults.md).
+    del opt
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ Run it on 2 CPU processes (gloo), on one GPU per process (NCCL, picked automatic
     python examples/train_minimal.py
 
 It prints the loss every ``--log-every`` steps and, at the end, the test accuracy and whether every
-rank holds the same parameters after the final averaging round.
+rank holds the same parameters after the final averaging round. The rounds it reports are those
+that communicated (``opt.stats.rounds``): alone in one process there are none.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import time
 
@@ -96,7 +98,7 @@ def main() -> None:
             if rank == 0 and (step % args.log_every == 0 or step == 1):
                 print(
                     f"step {step:5d}  loss {loss.item():.4f}  lr {scheduler.get_last_lr()[0]:.4f}"
-                    f"  rounds {opt.averaging_rounds}",
+                    f"  rounds {opt.stats.rounds}",
                     flush=True,
                 )
     elapsed = time.perf_counter() - start
@@ -115,16 +117,21 @@ def main() -> None:
     if rank == 0:
         print(
             f"done: {world_size} rank(s), {opt.optimizer_steps} steps, "
-            f"{opt.averaging_rounds} averaging rounds, {opt.optimizer_steps / elapsed:.1f} "
+            f"{opt.stats.rounds} averaging rounds, {opt.stats.bytes_communicated / 2**20:.2f} MiB "
+            f"sent per rank, {opt.optimizer_steps / elapsed:.1f} "
             f"steps/s, test accuracy {accuracy:.3f}, "
             f"ranks identical: {'yes' if spread.item() == 0 else 'no'}",
             flush=True,
         )
     if distributed:
-        # Without a barrier, a rank that tears down its connections while the other still
-        # finishes the last collective can make gloo abort the other process at exit.
+        # Leave nothing of the wrapper for interpreter shutdown to free, and let no rank tear
+        # down its connections while another still finishes the last collective: with gloo,
+        # either can abort a finished process at exit (docs/mixed-precision-and-faults.md).
+        del opt, scheduler
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from local_sgd_optim.resume import (
 )
 from local_sgd_optim.rounds import Rounds
 from local_sgd_optim.settings import PeriodSchedule, Settings
+from local_sgd_optim.unclosed import watch_for_unclosed
 
 __all__ = ["LocalSGDOptimizer"]
 
@@ -272,6 +273,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         # Set by a DCP-layout load: the model is loaded after it (dcp.LoadedParameters).
         self._loaded_parameters: dcp.LoadedParameters | None = None
         self._log_settings()
+        if self._communicates:  # a forgotten close() leaves the ranks apart: say so
+            watch_for_unclosed(self, self._clock, self._ownership, group_rank(process_group))
 
     @staticmethod
     def _validated(

@@ -52,9 +52,10 @@ def _run(
             shutil.rmtree(out_dir)
             if snapshot.exists():
                 shutil.copytree(snapshot, out_dir)
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=300, env=launcher_env(), cwd=ROOT
-        )
+        # Warnings silenced, as where library warnings are noisy: the events the tests look
+        # for (a checkpoint skipped, a run re-sharded) must still be in the script's output.
+        env = {**launcher_env(), "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
         if proc.returncode == 0 or not (TEARDOWN_ABORT in proc.stderr and "done: " in proc.stdout):
             break
     shutil.rmtree(snapshot, ignore_errors=True)

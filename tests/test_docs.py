@@ -19,9 +19,11 @@ and the README stays a short front page.
 from __future__ import annotations
 
 import ast
+import configparser
 import importlib
 import inspect
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -283,7 +285,7 @@ def test_the_checks_catch_a_wrong_signature() -> None:
 # --- links between the pages -------------------------------------------------------------
 
 # The front page holds what a newcomer needs in the first hour; the reference lives in docs/.
-README_MAX_BYTES = 15_000
+README_MAX_BYTES = 16_000  # 15,000 until the install, CPU-only and planner lines
 
 
 def _pages() -> list[Path]:
@@ -373,4 +375,80 @@ def test_the_link_checks_catch_broken_links(tmp_path: Path) -> None:
     assert _broken_links(page) == [
         "missing.md (no such file)",
         "other.md#nope (no heading #nope in other.md)",
+    ]
+
+
+# --- install lines -----------------------------------------------------------------------------
+
+_PACKAGE = "local_sgd_optim"
+
+
+def _extras() -> set[str]:
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    return set(parser["options.extras_require"])
+
+
+def _pip_installs(text: str) -> list[str]:
+    """The arguments of every ``pip install`` in ``text`` (code blocks and inline code alike),
+    up to the end of the command: a backtick, ``&&``, ``;`` or the end of the line."""
+    text = text.replace("\\\n", " ")
+    return [m.strip() for m in re.findall(r"pip install ([^`\n;&]+)", text)]
+
+
+def _install_problems(arguments: str, extras: set[str]) -> list[str]:
+    """What is wrong with one ``pip install`` line: this package by bare name (it is not on
+    the registry), or an extra that setup.cfg does not define."""
+    problems = []
+    for word in shlex.split(arguments):
+        if word.startswith("-"):
+            continue
+        name, _, source = (part.strip() for part in word.partition("@"))
+        base, _, bracket = name.partition("[")
+        ours = base in (".", _PACKAGE, _PACKAGE.replace("_", "-")) or base.startswith(("./", "/"))
+        if not ours:
+            continue
+        if base != "." and not base.startswith(("./", "/")) and not source:
+            problems.append(f"{word!r} asks the registry for {_PACKAGE}, which is not published")
+        for extra in filter(None, (e.strip() for e in bracket.rstrip("]").split(","))):
+            if extra not in extras:
+                problems.append(f"{word!r} names the extra {extra!r}, not in setup.cfg")
+    return problems
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_install_lines_work_as_written(page: Path) -> None:
+    extras = _extras()
+    problems = [
+        p for line in _pip_installs(page.read_text()) for p in _install_problems(line, extras)
+    ]
+    assert not problems, f"{page.relative_to(ROOT)}: {problems}"
+
+
+def test_the_readme_installs_from_a_clone_and_says_it_is_unpublished() -> None:
+    text = README.read_text()
+    lines = _pip_installs(text)
+    assert any(line.startswith('-e ".[') for line in lines), lines
+    assert "not on PyPI" in text
+    assert "https://download.pytorch.org/whl/cpu" in text  # the CPU-only route
+
+
+def test_the_install_check_catches_bad_lines() -> None:
+    extras = {"test", "lightning"}
+    text = (
+        '`pip install "local_sgd_optim[lightning]"` and\n```bash\npip install -e ".[tset]" '
+        '&& python -m pytest\npip install "local_sgd_optim[test] @ git+https://host/x"\n'
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu\n```\n"
+    )
+    lines = _pip_installs(text)
+    assert lines == [
+        '"local_sgd_optim[lightning]"',
+        '-e ".[tset]"',
+        '"local_sgd_optim[test] @ git+https://host/x"',
+        "torch --index-url https://download.pytorch.org/whl/cpu",
+    ]
+    assert [p for line in lines for p in _install_problems(line, extras)] == [
+        "'local_sgd_optim[lightning]' asks the registry for local_sgd_optim, which is not "
+        "published",
+        "'.[tset]' names the extra 'tset', not in setup.cfg",
     ]

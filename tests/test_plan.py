@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from typing import Any
@@ -215,3 +216,14 @@ def test_cli_rejects_bad_input() -> None:
                       "--periods", "0,4")  # fmt: skip
     assert result.returncode == 2
     assert "periods must be positive integers" in result.stderr
+
+
+def test_cli_default_table_shows_every_suggested_period() -> None:
+    result = _run_cli("--params", "1e9", "--ranks", "64", "--gbps", "10", "--step-seconds", "0.5")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    suggested = [int(p) for p in re.findall(r"of compute, .*: period (\d+)", out)]
+    assert suggested == [119, 60, 42]  # fp32 well beyond the powers of two up to 64
+    tabulated = {int(p) for p in re.findall(r"^\| Local SGD fp32 \| (\d+) \|", out, re.M)}
+    assert tabulated == {1, 2, 4, 8, 16, 32, 64, 119, 60, 42}
+    assert "| Local SGD fp32 | 119 | 1.8 | 90% |" in out

@@ -1,34 +1,14 @@
-"""What averaging costs (:class:`CommStats`) and how a round fails (:class:`RoundError`)."""
+"""What averaging costs (:class:`CommStats`); :class:`RoundError`, defined in
+:mod:`local_sgd_optim.errors`, is re-exported here for the modules that import it from here."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from local_sgd_optim.errors import RoundError
+
 __all__ = ["CommStats", "RoundError"]
-
-
-class RoundError(RuntimeError):
-    """An averaging round could not be applied; raised on every rank of the group alike.
-
-    Raised when ranks are out of step, when a rank's parameters hold NaN or inf (with
-    ``on_nonfinite="raise"``), or when the round's collective fails (a rank exited or timed
-    out). In the first two cases no rank's parameters changed.
-
-    Args:
-        message (str): what happened and what to do about it.
-
-    Example::
-
-        >>> try:
-        ...     opt.step()
-        ... except RoundError as error:
-        ...     print(f"rank {dist.get_rank()}: {error}")  # the same on every rank
-        ...     raise
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
 
 
 @dataclass

@@ -20,6 +20,10 @@ def _format_bytes(n: float) -> str:
     return f"{n:.3g} B"
 
 
+# The periods tabulated unless --periods says otherwise; the suggested ones are added to them.
+_DEFAULT_PERIODS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def _parse_periods(text: str) -> list[int]:
     try:
         periods = [int(part) for part in text.split(",") if part.strip()]
@@ -50,17 +54,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bandwidth_efficiency": args.bandwidth_efficiency,
     }
     try:
+        suggestions = _suggestions(args, model_bytes, link)
+        periods = args.periods
+        if periods is None:  # the powers of two, and every period suggested below them
+            suggested = {period for _, period in suggestions if period is not None}
+            periods = sorted(set(_DEFAULT_PERIODS) | suggested)
         rows = predict(
             step_seconds=args.step_seconds,
             model_bytes=model_bytes,
             ranks=args.ranks,
             gbps=args.gbps,
-            periods=args.periods,
+            periods=periods,
             overlap_steps=args.overlap_steps,
             backward_share=args.backward_share,
             **link,
         )
-        suggestions = _suggestions(args, model_bytes, link)
     except ValueError as problem:
         parser.error(str(problem))
     _print_report(args, model_bytes, rows, suggestions)
@@ -81,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
         help="compute time of one optimizer step with no communication",
     )
     parser.add_argument(
-        "--periods", type=_parse_periods, default=[1, 2, 4, 8, 16, 32, 64], help="e.g. 1,8,64"
+        "--periods",
+        type=_parse_periods,
+        default=None,
+        help="e.g. 1,8,64 (default: 1, 2, 4, ..., 64 and the suggested periods)",
     )
     parser.add_argument("--overlap-steps", type=int, default=2, help="0 leaves overlap out")
     parser.add_argument(
