@@ -13,6 +13,7 @@ import torch
 
 __all__ = [
     "SUPPORTED_COMM_DTYPES",
+    "check_average_buffers",
     "check_bool",
     "check_bucket_cap",
     "check_comm_dtype",
@@ -56,6 +57,18 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_average_buffers(value: object) -> bool | str:
+    """``value`` if it is ``True``, ``False`` or ``"all"``, else a TypeError or ValueError."""
+    if isinstance(value, bool) or value == "all":
+        return value
+    if isinstance(value, str):
+        raise ValueError(
+            f"average_buffers must be True (average running statistics, copy the other "
+            f"floating-point buffers from the first rank), 'all' or False, got {value!r}"
+        )
+    raise TypeError(f"average_buffers must be a bool or 'all', got {type(value).__name__}")
 
 
 def check_bucket_cap(value: object) -> float:

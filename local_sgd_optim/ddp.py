@@ -123,18 +123,46 @@ def watch_for_ddp(model: nn.Module, state: HookState) -> RemovableHandle:
         >>> handle = watch_for_ddp(model, state)
         >>> DistributedDataParallel(model)(x)  # the hook is attached before backward
     """
-    ours = {id(p) for p in model.parameters()}
+    global _ATTACH_ACTIVE
+    if _ATTACH_ACTIVE is None:
+        # Compiled models run forward pre-hooks under dynamo: the look at DDP's mark is not
+        # for tracing. (Done on first use: importing dynamo costs a second.)
+        disable = getattr(getattr(torch, "compiler", None), "disable", None)
+        _ATTACH_ACTIVE = disable(_attach_active) if disable is not None else _attach_active
+    return model.register_forward_pre_hook(_WatchForDDP(state, {id(p) for p in model.parameters()}))
 
-    def look(module: nn.Module, args: Any) -> None:
-        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
-        mine = (
-            isinstance(ddp, DistributedDataParallel) and {id(p) for p in ddp.parameters()} == ours
-        )
-        if mine:
-            attach(ddp, state)  # type: ignore[arg-type]
 
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return model.register_forward_pre_hook(disable(look) if disable is not None else look)
+def _attach_active(state: HookState, ours: set[int]) -> None:
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    if isinstance(ddp, DistributedDataParallel) and {id(p) for p in ddp.parameters()} == ours:
+        attach(ddp, state)
+
+
+_ATTACH_ACTIVE: Any = None
+
+
+def _inert_watch() -> _WatchForDDP:
+    return _WatchForDDP(None, set())
+
+
+class _WatchForDDP:
+    """The forward pre-hook of :func:`watch_for_ddp`. A pickled or deep-copied model gets an
+    inert one: ``torch.save(model)`` before the first step must not fail on the hook, and a
+    copy of the model is not this wrapper's to attach."""
+
+    def __init__(self, state: HookState | None, ours: set[int]) -> None:
+        self._state = state
+        self._ours = ours
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if self._state is not None and _ATTACH_ACTIVE is not None:
+            _ATTACH_ACTIVE(self._state, self._ours)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _WatchForDDP:
+        return _inert_watch()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_inert_watch, ())
 
 
 def wrapper_chain(module: nn.Module) -> list[nn.Module]:

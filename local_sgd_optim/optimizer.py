@@ -60,8 +60,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
     r"""Local SGD around any optimizer: step locally, average parameters every ``period`` steps.
 
     Each rank trains its own copy of ``model`` with ``base_optimizer``; every ``period``-th
-    optimizer step the ranks average their parameters (and floating-point buffers such as
-    BatchNorm statistics) instead of all-reducing gradients at every step. This is Local SGD
+    optimizer step the ranks average their parameters (and running statistics such as
+    BatchNorm's) instead of all-reducing gradients at every step. This is Local SGD
     (Stich, "Local SGD Converges Fast and Communicates Little", https://arxiv.org/abs/1805.09767;
     Lin et al., "Don't Use Large Mini-Batches, Use Local SGD", https://arxiv.org/abs/1808.07217).
 
@@ -78,17 +78,27 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     What is averaged: every floating-point parameter of ``model`` that requires grad (frozen ones
     are skipped; a parameter unfrozen later joins at the next round), parameters added with
-    :meth:`add_param_group`, and floating-point buffers when ``average_buffers``. Integer buffers
-    such as ``num_batches_tracked`` are left alone.
+    :meth:`add_param_group`, and, with ``average_buffers=True``, running statistics (the
+    buffers of normalization layers and buffers named ``running_*``); other floating-point
+    buffers (a pruning mask, a table) are copied from the group's first rank at each round, as
+    DDP copies buffers from rank 0. Integer buffers such as ``num_batches_tracked`` are left
+    alone. When several wrappers share one ``model`` (one per optimizer: a GAN, Lightning's
+    two optimizers), each averages the parameters its base optimizer steps and the buffers of
+    their modules; the first one built also takes the parameters no wrapped optimizer holds and
+    the buffers of modules without parameters.
 
-    Where they live: with ``parameters_as_bucket_view`` (the default), the averaged parameters
-    and buffers are moved at construction into one flat tensor per device and dtype, laid out
-    as the communication buckets cut them (``param.data`` becomes a view of it, as DDP's
-    ``gradient_as_bucket_view`` does for gradients), so a round all-reduces them in place:
-    no copy in, no copy out, no buffer. ``state_dict()`` of the model then returns copies of
-    them, so no saver sees several tensors in one storage; :meth:`close` gives each its own
-    memory back. Tensors that share memory with another tensor of the model, sharded (FSDP)
-    parameters, and rounds with ``overlap_steps`` keep their own storage.
+    Where they live: each tensor keeps its own memory (the default), and a round copies the
+    buckets in and out of a small wire buffer. With ``parameters_as_bucket_view=True`` the
+    averaged tensors are moved at construction into one flat tensor per device and dtype, laid
+    out as the buckets cut them (``param.data`` becomes a view of it, as with DDP's
+    ``gradient_as_bucket_view``), so a round all-reduces them in place: no copy in or out,
+    which saves about a third of a full-precision round on a fast link and little on a slow
+    one (``docs/communication.md``). In exchange, ``state_dict()`` of the model returns copies
+    of those tensors (a write into one raises at the next round unless it is loaded back),
+    pickling the module raises, and ``torch.save`` of one placed tensor writes the whole flat
+    storage; :meth:`close` gives each tensor its own memory back. Tensors that share memory
+    with another tensor of the model, sharded (FSDP) parameters, and rounds with
+    ``overlap_steps`` keep their own storage either way.
 
     How a round moves bytes (buckets, 16-bit deltas with a full-precision anchor, overlapped
     rounds) and the extra memory each option costs: see
@@ -119,7 +129,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             that returns the number of steps to the next one, reading only what every rank
             shares (see :mod:`local_sgd_optim.schedules`).
         accumulation_steps (int): ``step()`` calls (micro-batches) per optimizer step (default: 1).
-        average_buffers (bool): also average floating-point buffers (default: ``True``).
+        average_buffers (bool or str): ``True`` averages running statistics and copies the
+            other floating-point buffers from the group's first rank at each round; ``"all"``
+            averages every floating-point buffer; ``False`` leaves buffers to each rank
+            (default: ``True``).
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
             For a model sharded with FSDP2 over ``mesh["shard"]``, the ranks that hold the same
             shards: ``mesh["replicate"].get_group()`` (``docs/fsdp2.md``).
@@ -167,8 +180,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             on the same data. Pass ``True`` if every rank really is meant to see the same data
             (default: ``False``).
         parameters_as_bucket_view (bool): place the averaged tensors in bucket storage so that
-            rounds average them in place (see above); ``False`` keeps each in its own memory,
-            at the cost of a copy in and a copy out per round (default: ``True``).
+            rounds average them in place, saving a copy in and a copy out per round; changes
+            what ``state_dict()`` and pickling do (see above) (default: ``False``).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
@@ -210,7 +223,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         period: int | PeriodSchedule,
         *,
         accumulation_steps: int = 1,
-        average_buffers: bool = True,
+        average_buffers: bool | str = True,
         process_group: dist.ProcessGroup | None = None,
         broadcast_initial: bool = True,
         enabled: bool = True,
@@ -224,7 +237,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         local_period: int | None = None,
         local_group: dist.ProcessGroup | str | None = None,
         allow_identical_ranks: bool = False,
-        parameters_as_bucket_view: bool = True,
+        parameters_as_bucket_view: bool = False,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         del arguments["base_optimizer"], arguments["model"], arguments["process_group"]
@@ -272,6 +285,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._built_state: list[tuple[int, int]] | None = self._rounds.signature()
         # Set by a DCP-layout load: the model is loaded after it (dcp.LoadedParameters).
         self._loaded_parameters: dcp.LoadedParameters | None = None
+        self._before_dcp_load: int | None = None  # see dcp.LoadedParameters.after_load
         self._log_settings()
         if self._communicates:  # a forgotten close() leaves the ranks apart: say so
             watch_for_unclosed(self, self._clock, self._ownership, group_rank(process_group))
@@ -743,7 +757,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._run_state_dict_pre_hooks()
         state_dict = self._snapshot()
         if dcp.requested_by_dcp():  # DCP keeps only "state" and "param_groups"
-            state_dict = dcp.to_dcp_layout(state_dict, self._rounds.tracked())
+            # Also what the parameters are before a dcp.load that may write into them.
+            self._before_dcp_load = dcp.parameters_fingerprint(self._rounds.tracked())
+            state_dict = dcp.to_dcp_layout(state_dict, self._before_dcp_load)
         return self._run_state_dict_post_hooks(state_dict)
 
     def _snapshot(self) -> dict[str, Any]:
@@ -811,8 +827,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._loaded_parameters = (
             None
             if saved_parameters is None
-            else dcp.LoadedParameters.after_load(saved_parameters, self._rounds.tracked())
+            else dcp.LoadedParameters.after_load(
+                saved_parameters, self._rounds.tracked(), self._before_dcp_load
+            )
         )
+        self._before_dcp_load = None
         self._broadcast.warn_if_replaced(self._model, self._clock)
         self._run_load_state_dict_post_hooks()
 

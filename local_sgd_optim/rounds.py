@@ -27,8 +27,10 @@ from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 from local_sgd_optim.tracked import (
+    Share,
     Tracked,
     averaged_tensors,
+    broadcast_buffers,
     describe,
     outer_sources,
     plan_key,
@@ -87,6 +89,7 @@ class Rounds:
         self._local_group: dist.ProcessGroup | None = None
         self._plan_key: tuple[object, ...] | None = None
         self._residence: Residence | None = None
+        self._share = Share(model, base_optimizer, extra_params)
         self.outer: OuterOptimizer | None = None
         if settings.outer_optimizer is not None:
             ready = settings.broadcast_initial or not communicates
@@ -94,7 +97,10 @@ class Rounds:
 
     def tracked(self) -> list[Tracked]:
         """Every parameter and buffer, and whether rounds average it, as they are now."""
-        return list(tracked_state(self._model, self._extra_params, self._settings.average_buffers))
+        settings = self._settings
+        return list(
+            tracked_state(self._model, self._extra_params, settings.average_buffers, self._share)
+        )
 
     def agree(self) -> None:
         """Check with every rank that settings and tensors match (raises on every rank)."""
@@ -116,7 +122,6 @@ class Rounds:
     def _build_averagers(self, entries: list[Tracked]) -> None:
         tensors = averaged_tensors(entries)
         settings = self._settings
-        self.release()
         # A sharded model's local shards live in FSDP's own storage: never re-pointed.
         if (
             settings.parameters_as_bucket_view
@@ -126,8 +131,12 @@ class Rounds:
             held = [e.tensor for e in entries] + [
                 p for group in self._base_optimizer.param_groups for p in group["params"]
             ]
-            self._residence = Residence(tensors, held)
+            if self._residence is None:
+                self._residence = Residence(tensors, held)
+            else:  # what is placed stays; only new tensors are placed
+                self._residence.update(tensors, held)
             self._residence.protect_state_dict(self._model)
+        previous = self.averager
         common: dict[str, Any] = {
             "bucket_cap_mb": settings.bucket_cap_mb,
             "comm_dtype": settings.comm_dtype,
@@ -135,17 +144,38 @@ class Rounds:
             "on_nonfinite": settings.on_nonfinite,
             "cpu_offload": settings.cpu_offload,
         }
+        # The buffers copied from the first rank join the plan every rank's header compares.
+        also = repr([(tuple(b.shape), str(b.dtype)) for b in broadcast_buffers(entries)])
         overlap = settings.overlap_steps > 0
-        self.averager = BucketedAverager(tensors, self._process_group, overlap=overlap, **common)
+        self.averager = BucketedAverager(
+            tensors, self._process_group, overlap=overlap, also=also, **common
+        )
+        if previous is not None:
+            # The same layout in other memory (a buffer replaced at each forward): the last
+            # round's values still hold, and the next round need not be full precision.
+            self.averager.adopt(previous)
         if self._local_group is not None:
+            local_previous = self.local_averager
             self.local_averager = BucketedAverager(tensors, self._local_group, **common)
+            if local_previous is not None:
+                self.local_averager.adopt(local_previous)
         self._plan_key = plan_key(entries)  # after placing: the memory the tensors have now
 
     def release(self) -> None:
-        """Give the tensors placed in bucket storage memory of their own again."""
+        """Give the tensors placed in bucket storage memory of their own again, and leave the
+        model to any other wrapper on it."""
         if self._residence is not None:
             self._residence.release()
             self._residence = None
+        self._share.release()
+
+    def _broadcast_buffers(self, entries: list[Tracked]) -> None:
+        """Copy the group's first rank's values of the buffers that are not averaged
+        (``average_buffers=True``: all but running statistics) to every rank."""
+        buffers = broadcast_buffers(entries)
+        if buffers:
+            broadcast_tensors(buffers, self._process_group, self._settings.bucket_cap_mb)
+            self._stats.bytes_communicated += sum(b.numel() * b.element_size() for b in buffers)
 
     def set_anchors_from_tensors(self) -> None:
         """Every rank holds the same values now: the reference for 16-bit deltas."""
@@ -228,10 +258,11 @@ class Rounds:
         averager = self.averager
         if averager is None or not averager.pending or not averager.finish():
             return
+        entries = self.tracked() if entries is None else entries
         if self.outer is not None:
-            sources = outer_sources(self.tracked() if entries is None else entries)
-            kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
+            kept = self.outer.step_from_snapshot(outer_sources(entries), averager.snapshot_pieces())
             averager.set_anchor_values(kept)  # deltas are taken from the outer result on
+        self._broadcast_buffers(entries)
 
     def run(
         self, step: int, blocking: bool, round_number: int, kind: str, check_diverged: bool
@@ -243,6 +274,8 @@ class Rounds:
         # Whether the round's values are in place now (not started in the background), and
         # whether it was applied at all (a round skipped for NaN must not feed the outer step).
         landed = applied = True
+        if self._residence is not None:
+            self._residence.check_writes()
         entries = self.tracked()  # the live tensors, looked at once per round
         if self.communicates:
             self.land(entries)  # a round in flight lands first
@@ -251,6 +284,8 @@ class Rounds:
             before = dataclasses.replace(self._stats)
             if blocking:
                 applied = self.averager.average(step, kind, check_diverged)
+                if applied:
+                    self._broadcast_buffers(entries)
             else:
                 result = self.averager.start(step, kind, check_diverged)
                 landed, applied = result is not None, bool(result)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from local_sgd_optim.checks import (
+    check_average_buffers,
     check_bool,
     check_bucket_cap,
     check_comm_dtype,
@@ -164,8 +165,8 @@ class Settings:
     accumulation_steps: int = dataclasses.field(
         default=1, metadata=_about(lambda v: check_positive_int("accumulation_steps", v))
     )
-    average_buffers: bool = dataclasses.field(
-        default=True, metadata=_about(lambda v: check_bool("average_buffers", v))
+    average_buffers: bool | str = dataclasses.field(
+        default=True, metadata=_about(check_average_buffers)
     )
     broadcast_initial: bool = dataclasses.field(
         default=True, metadata=_about(lambda v: check_bool("broadcast_initial", v), saved=False)
@@ -222,7 +223,7 @@ class Settings:
         metadata=_about(lambda v: check_bool("allow_identical_ranks", v), saved=False),
     )
     parameters_as_bucket_view: bool = dataclasses.field(
-        default=True,
+        default=False,
         metadata=_about(lambda v: check_bool("parameters_as_bucket_view", v), saved=False),
     )
 

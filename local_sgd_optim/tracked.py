@@ -2,21 +2,40 @@
 
 A DTensor (a model sharded with FSDP2's ``fully_shard``) is tracked as itself, and averaged
 as its local shard: the tensors handed to the averager are always ones it may write in place.
+
+Buffers: running statistics (the buffers of normalization layers, and any buffer whose name
+starts with ``running_``) are averaged, as a mean of means is what a larger batch would have
+given; other floating-point buffers (pruning masks, tables, caches) are not statistics, and
+averaging a binary mask turns it into a fraction: they are copied from the group's first rank
+at each round instead, as DDP copies every buffer from rank 0 before each forward.
+
+Several wrappers on one model (a GAN's two optimizers, Lightning's ``configure_optimizers``
+returning two): each averages the parameters its own base optimizer steps, and the buffers of
+the modules that hold them; parameters no wrapper's optimizer holds, and buffers of modules
+without parameters, go to the first wrapper built on the model. So every tensor is averaged
+once per round, and an outer optimizer steps each parameter once.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Hashable, Iterator, Sequence
 from typing import NamedTuple
 
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.optim import Optimizer
 
+from local_sgd_optim.ddp import wrapper_chain
 from local_sgd_optim.sharded import is_dtensor, layout, local_tensor, reshard
 
 __all__ = [
+    "Share",
     "Tracked",
     "averaged_tensors",
+    "broadcast_buffers",
     "describe",
+    "is_statistic",
     "outer_sources",
     "plan_key",
     "sharded",
@@ -38,22 +57,99 @@ class Tracked(NamedTuple):
     name: str
     tensor: Tensor
     averaged: bool
+    broadcast: bool = False  # a buffer copied from the group's first rank at each round
+
+
+class Share:
+    """One wrapper's claim on a model: the parameters its base optimizer steps.
+
+    Every open wrapper on a model is registered (weakly) under the model's innermost module,
+    in the order they were built; :func:`tracked` asks the share which tensors are its own.
+
+    Example::
+
+        >>> share = Share(model, base_optimizer, extra_params)
+        >>> mine, others, first = share.claims()
+        >>> share.release()  # at close(): the others take over what was ours
+    """
+
+    def __init__(self, model: nn.Module, base_optimizer: Optimizer, extra: list[Tensor]) -> None:
+        self._key = wrapper_chain(model)[-1]  # DDP and compile unwrapped
+        self._base_optimizer = base_optimizer
+        self._extra = extra
+        _SHARES.setdefault(self._key, []).append(weakref.ref(self))
+
+    def held(self) -> set[int]:
+        """The ids of the parameters this wrapper's optimizer steps."""
+        ids = {id(p) for group in self._base_optimizer.param_groups for p in group["params"]}
+        return ids | {id(p) for p in self._extra}
+
+    def claims(self) -> tuple[set[int], set[int], bool]:
+        """This wrapper's parameter ids, the other open wrappers' ids, and whether this is the
+        first open wrapper on the model (which takes what no optimizer holds)."""
+        shares = [s for s in (ref() for ref in _SHARES.get(self._key, [])) if s is not None]
+        others: set[int] = set()
+        for share in shares:
+            if share is not self:
+                others |= share.held()
+        return self.held(), others, not shares or shares[0] is self
+
+    def release(self) -> None:
+        """Leave the model to the other wrappers (idempotent)."""
+        refs = _SHARES.get(self._key, [])
+        refs[:] = [ref for ref in refs if ref() not in (None, self)]
+
+
+# The open wrappers of each model, in the order they were built; weak both ways.
+_SHARES: weakref.WeakKeyDictionary[nn.Module, list[weakref.ref[Share]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def is_statistic(module: nn.Module, name: str) -> bool:
+    """Whether buffer ``name`` of ``module`` is a running statistic, which rounds average:
+    a normalization layer's buffer (BatchNorm, InstanceNorm), or a name starting with
+    ``running_``."""
+    return isinstance(module, _NormBase) or name.startswith("running_")
 
 
 def tracked(
-    model: nn.Module, extra_params: Sequence[Tensor], average_buffers: bool
+    model: nn.Module,
+    extra_params: Sequence[Tensor],
+    average_buffers: bool | str,
+    share: Share | None = None,
 ) -> Iterator[Tracked]:
-    """Every parameter (trainable ones averaged), every parameter added with
-    ``add_param_group``, then every buffer (floating-point ones averaged when
-    ``average_buffers``), in a fixed order. FSDP2 modules are resharded first: a forward
-    without backward leaves the root's parameters unsharded."""
+    """Every parameter (trainable ones this wrapper owns averaged), every parameter added with
+    ``add_param_group``, then every buffer, in a fixed order.
+
+    Floating-point buffers this wrapper owns: with ``average_buffers=True``, running
+    statistics (:func:`is_statistic`) averaged and the others broadcast from the group's first
+    rank; with ``"all"``, all averaged; with ``False``, none touched. Ownership with several
+    wrappers on one model: see the module's docstring. FSDP2 modules are resharded first: a
+    forward without backward leaves the root's parameters unsharded."""
     reshard(model)
+    mine, others, first = share.claims() if share is not None else (set(), set(), True)
+
+    def owns(p: Tensor | None) -> bool:
+        if p is None:
+            return first
+        return id(p) in mine or (first and id(p) not in others)
+
     for name, p in model.named_parameters():
-        yield Tracked("parameter", name, p, p.requires_grad)
+        yield Tracked("parameter", name, p, p.requires_grad and owns(p))
     for i, extra in enumerate(extra_params):
         yield Tracked("parameter", f"<add_param_group #{i}>", extra, True)
-    for name, b in model.named_buffers():
-        yield Tracked("buffer", name, b, average_buffers and b.is_floating_point())
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        holder = next((p for p in module._parameters.values() if p is not None), None)
+        for name, b in module._buffers.items():
+            if b is None or id(b) in seen:
+                continue
+            seen.add(id(b))
+            ours = average_buffers is not False and b.is_floating_point() and owns(holder)
+            averaged = ours and (average_buffers == "all" or is_statistic(module, name))
+            full_name = f"{module_name}.{name}" if module_name else name
+            yield Tracked("buffer", full_name, b, averaged, ours and not averaged)
 
 
 def _distinct(entries: Sequence[Tracked], kinds: tuple[str, ...]) -> list[Tensor]:
@@ -109,14 +205,24 @@ def outer_sources(entries: Sequence[Tracked]) -> list[Tensor]:
 
 
 def plan_key(entries: Sequence[Tracked]) -> tuple[Hashable, ...]:
-    """Changes when a tensor is added, replaced, frozen or unfrozen, or moved to other memory
-    (``model.to(...)`` keeps the parameter objects and gives them new storage), another device,
-    dtype or shape."""
-    return tuple(
-        (id(e.tensor), t.data_ptr(), t.device, t.dtype, t.shape, e.averaged)
-        for e in entries
-        for t in (local_tensor(e.tensor),)
-    )
+    """Changes when a tensor is added, frozen or unfrozen, or an averaged one is replaced or
+    moved to other memory (``model.to(...)`` keeps the parameter objects and gives them new
+    storage), another device, dtype or shape; or a buffer copied from the first rank changes
+    shape or dtype. A buffer that is not averaged may be replaced freely (one assigned anew at
+    each forward)."""
+    key: list[Hashable] = []
+    for e in entries:
+        t = local_tensor(e.tensor)
+        if e.averaged:
+            key.append((e.kind, e.name, id(e.tensor), t.data_ptr(), t.device, t.dtype, t.shape))
+        else:
+            key.append((e.kind, e.name, e.broadcast, t.dtype, t.shape))
+    return tuple(key)
+
+
+def broadcast_buffers(entries: Sequence[Tracked]) -> list[Tensor]:
+    """The buffers copied from the group's first rank at each round, in order."""
+    return [e.tensor for e in entries if e.broadcast]
 
 
 def sharded(entries: Sequence[Tracked]) -> bool:

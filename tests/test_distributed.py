@@ -407,7 +407,7 @@ class _Mixed(nn.Module):
 
 def _mixed_dtypes() -> dict[str, Any]:
     model = _Mixed()
-    opt = sgd_wrapper(model, period=1)
+    opt = sgd_wrapper(model, period=1, average_buffers="all")  # "scale" is no statistic
     with torch.no_grad():
         for p in model.parameters():
             p.add_(rank() + 1)

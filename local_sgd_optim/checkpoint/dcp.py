@@ -60,6 +60,7 @@ from torch import Tensor
 
 from local_sgd_optim import state_entry
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
+from local_sgd_optim.comm.tensors import integer_view
 from local_sgd_optim.sharded import local_tensor
 from local_sgd_optim.tracked import Tracked, outer_sources
 
@@ -67,6 +68,7 @@ __all__ = [
     "LoadedParameters",
     "from_dcp_layout",
     "initialising_state",
+    "parameters_fingerprint",
     "per_replica",
     "requested_by_dcp",
     "to_dcp_layout",
@@ -131,12 +133,6 @@ def _tensors(value: object) -> Iterator[Tensor]:
             yield from _tensors(item)
 
 
-def _bits(flat: Tensor) -> Tensor:
-    """The 1-D ``flat``'s bits as integers of the same width (a view where it can be)."""
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    return flat.contiguous().view(as_int)
-
-
 def _fingerprint(optimizer_state: object) -> int:
     """The bits of every tensor of an optimizer's ``"state"`` (this rank's shards), summed as
     integers: equal for equal values in any order and on any device, and different, but for
@@ -148,11 +144,11 @@ def _fingerprint(optimizer_state: object) -> int:
         flat = tensor.detach().reshape(-1)
         if flat.dtype == torch.bool:
             flat = flat.to(torch.uint8)
-        total += int(_bits(flat).sum(dtype=torch.int64).item())
+        total += int(integer_view(flat).sum(dtype=torch.int64).item())
     return total % 2**63
 
 
-def _parameters_fingerprint(entries: Sequence[Tracked]) -> int:
+def parameters_fingerprint(entries: Sequence[Tracked]) -> int:
     """A 62-bit hash of the sums of the bits of each averaged parameter (this rank's shards),
     in order: equal for bitwise equal parameters on any device, and different, but for a
     vanishing chance, when DCP brought back another replica's. Buffers are left out: a
@@ -163,7 +159,7 @@ def _parameters_fingerprint(entries: Sequence[Tracked]) -> int:
         flat = tensor.detach().reshape(-1)
         if flat.is_complex():
             flat = torch.view_as_real(flat).reshape(-1)
-        sums.setdefault(flat.device, []).append(_bits(flat).sum(dtype=torch.int64))
+        sums.setdefault(flat.device, []).append(integer_view(flat).sum(dtype=torch.int64))
     values = [v for group in sums.values() for v in torch.stack(group).cpu().tolist()]
     raw = b"".join(int(v).to_bytes(8, "little", signed=True) for v in values)
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 2
@@ -175,14 +171,15 @@ def _serialize(value: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def to_dcp_layout(state_dict: dict[str, Any], entries: Sequence[Tracked]) -> dict[str, Any]:
+def to_dcp_layout(state_dict: dict[str, Any], parameters: int) -> dict[str, Any]:
     """Move the ``"local_sgd"`` entry of a wrapper's state dict into its first parameter group,
     under this rank's key, serialized, with fingerprints of this rank's optimizer state and
-    of its averaged parameters (of ``entries``, the wrapper's tracked tensors as they are now).
+    of its averaged parameters (``parameters``, from :func:`parameters_fingerprint` of the
+    wrapper's tracked tensors as they are now).
 
     Example::
 
-        >>> sd = to_dcp_layout(opt._snapshot(), opt._rounds.tracked())
+        >>> sd = to_dcp_layout(opt._snapshot(), parameters_fingerprint(opt._rounds.tracked()))
         >>> list(sd["param_groups"][0]["local_sgd"])
         ['rank_0']
     """
@@ -191,7 +188,7 @@ def to_dcp_layout(state_dict: dict[str, Any], entries: Sequence[Tracked]) -> dic
     value = {
         _ENTRY: entry,
         _STATE_FINGERPRINT: _fingerprint(state_dict.get("state", {})),
-        _PARAMETERS_FINGERPRINT: _parameters_fingerprint(entries),
+        _PARAMETERS_FINGERPRINT: parameters,
     }
     groups = [dict(group) for group in state_dict["param_groups"]]
     groups[0][state_entry.ENTRY_KEY] = {f"{_RANK_PREFIX}{_rank()}": _serialize(value)}
@@ -279,10 +276,19 @@ class LoadedParameters:
     at_load: int
 
     @classmethod
-    def after_load(cls, saved: int, entries: Sequence[Tracked]) -> LoadedParameters:
+    def after_load(
+        cls, saved: int, entries: Sequence[Tracked], before: int | None = None
+    ) -> LoadedParameters:
         """The check for parameters saved with fingerprint ``saved``, ``entries`` being the
-        wrapper's tracked tensors as they are when the optimizer is loaded."""
-        return cls(saved, tuple(entries), _parameters_fingerprint(entries))
+        wrapper's tracked tensors as they are when the optimizer is loaded.
+
+        ``before``: the parameters' fingerprint when DCP last asked for the state dict
+        (``get_state_dict`` before ``dcp.load``). The model's state dict shares the model's
+        memory, so ``dcp.load`` may already have written the checkpoint's (possibly another
+        replica's) parameters into the model by the time the optimizer is loaded: what was
+        in place on purpose is what was there before ``dcp.load``."""
+        at_load = parameters_fingerprint(entries) if before is None else before
+        return cls(saved, tuple(entries), at_load)
 
     def verify(
         self,
@@ -304,7 +310,7 @@ class LoadedParameters:
             RoundError: another rank is doing something else (it did not load the
                 checkpoint); raised on every rank.
         """
-        wrong = _parameters_fingerprint(self.entries) not in (self.saved, self.at_load)
+        wrong = parameters_fingerprint(self.entries) not in (self.saved, self.at_load)
         if exchange is None:
             if wrong:
                 raise ValueError(_replaced_message([header.rank], header.rank))
@@ -354,9 +360,15 @@ def per_replica(
     values for all. Inside a replica (the FSDP shards of one copy of the model), DCP still
     saves each shard once. Loading the same way gives every replica its own values back.
 
+    ``state`` may hold ``Stateful`` objects at any depth of its dicts (the tutorial's
+    ``AppState`` under a key): DCP itself calls ``state_dict()``/``load_state_dict()`` only on
+    the top level of what it is given, and would otherwise pickle such an object whole (model
+    and optimizer as Python objects) instead of saving its tensors, so they are resolved here.
+
     Args:
-        state (dict): what to save or load, e.g. ``{"model": model_sd, "optim": optim_sd}``;
-            ``dcp.load`` fills it in place.
+        state (dict): what to save or load, e.g. ``{"model": model_sd, "optim": optim_sd}`` or
+            ``{"app": AppState(model, optimizer)}``; ``dcp.load`` fills it in place (and
+            calls each ``Stateful``'s ``load_state_dict``).
         process_group (ProcessGroup, optional): the ``process_group`` given to
             :class:`~local_sgd_optim.LocalSGDOptimizer`, whose ranks are the replicas
             (default: the world; for FSDP2, ``mesh["replicate"].get_group()``).
@@ -375,4 +387,51 @@ def per_replica(
         raise ValueError(
             "this rank is not in process_group; pass the process_group given to LocalSGDOptimizer"
         )
-    return {f"replica_{replica}": state}
+    held: dict[str, Any] | _Replica = _Replica(state) if _has_stateful(state) else state
+    return {f"replica_{replica}": held}
+
+
+def _is_stateful(value: object) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(
+        getattr(value, "load_state_dict", None)
+    )
+
+
+def _has_stateful(value: object) -> bool:
+    if _is_stateful(value):
+        return True
+    return isinstance(value, dict) and any(_has_stateful(v) for v in value.values())
+
+
+class _Replica:
+    """A replica's ``state`` as one ``Stateful`` for DCP: nested ``Stateful`` objects become
+    their state dicts on save, and receive what was loaded on load."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return _resolved(self._state)  # type: ignore[no-any-return]
+
+    def load_state_dict(self, loaded: dict[str, Any]) -> None:
+        _give_back(self._state, loaded)
+
+
+def _resolved(value: Any) -> Any:
+    if _is_stateful(value):
+        return value.state_dict()
+    if isinstance(value, dict) and _has_stateful(value):
+        return {k: _resolved(v) for k, v in value.items()}
+    return value
+
+
+def _give_back(state: dict[str, Any], loaded: dict[str, Any]) -> None:
+    for key, value in state.items():
+        if key not in loaded:
+            continue
+        if _is_stateful(value):
+            value.load_state_dict(loaded[key])
+        elif isinstance(value, dict) and _has_stateful(value):
+            _give_back(value, loaded[key])
+        else:
+            state[key] = loaded[key]  # plain values: dcp.load filled containers in place

@@ -88,6 +88,9 @@ class BucketedAverager:
         cpu_offload (bool): keep the full-precision copy for 16-bit deltas in CPU memory
             (pinned for CUDA tensors) between rounds; it visits the tensors' device during a
             round only (default: ``False``).
+        also (str): a description of anything else the round's caller sends after it (the
+            buffers copied from the first rank), folded into the plan that every rank's
+            header compares (default: ``""``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
     ``6 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
@@ -117,6 +120,7 @@ class BucketedAverager:
         stats: CommStats | None = None,
         on_nonfinite: str = "raise",
         cpu_offload: bool = False,
+        also: str = "",
     ) -> None:
         self.process_group = process_group
         self.cpu_offload = cpu_offload
@@ -141,7 +145,7 @@ class BucketedAverager:
         self._anchors: list[Tensor | None] = [None] * len(groups)
         self._fingerprint: int | None = None  # this rank's, at its last round
         # What this averager averages, comparable across ranks: shapes and dtypes in order.
-        described = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]).encode()
+        described = (repr([(tuple(t.shape), str(t.dtype)) for t in tensors]) + also).encode()
         self.plan = (
             int.from_bytes(hashlib.blake2b(described, digest_size=8).digest(), "little") >> 2
         )
@@ -208,6 +212,26 @@ class BucketedAverager:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
         return sum(seen.values())
+
+    def adopt(self, previous: BucketedAverager) -> bool:
+        """Take over ``previous``'s anchors and last fingerprint when it averaged the same
+        layout (shapes, dtypes, buckets) in other memory: a re-plan after a tensor was
+        replaced by one of the same shape keeps the last round's values as the reference for
+        16-bit deltas, instead of paying a full-precision round. Whether it did."""
+        same = (
+            previous.plan == self.plan
+            and previous.comm_dtype == self.comm_dtype
+            and previous.cpu_offload == self.cpu_offload
+            and [(b.numel, b.dtype, b.group) for b in previous.buckets]
+            == [(b.numel, b.dtype, b.group) for b in self.buckets]
+            and not previous.pending
+        )
+        if same:
+            self._anchors = list(previous._anchors)
+            self._bind_anchors(self._anchors)
+            self._fingerprint = previous._fingerprint
+            self._skipped = previous._skipped
+        return same
 
     # --- the anchor for 16-bit deltas -----------------------------------------------------
 
