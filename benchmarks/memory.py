@@ -15,8 +15,9 @@ Methods: torch's ``average_parameters`` (a ``torch.cat`` copy of the model every
 floor (one preallocated flat fp32 buffer of the model's size), and ours
 (``BucketedAverager``, the round of ``LocalSGDOptimizer``) in fp32 with the
 default 25 MiB buckets and with 4 MiB buckets, and in bf16, on parameters in their own memory
-(``parameters_as_bucket_view=False``) and, "placed", on parameters placed in bucket storage
-(the default), where a full-precision round needs no buffer at all. Models: ResNet-18
+(the default, ``parameters_as_bucket_view=False``) and, "placed", on parameters placed in
+bucket storage (``parameters_as_bucket_view=True``), where a full-precision round needs no
+buffer at all. Models: ResNet-18
 (44.7 MB) and an MLP of 40 ``Linear(1024, 1024)`` (168 MB), where the bucket pool's bound
 shows. Linux only; about a minute::
 

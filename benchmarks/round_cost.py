@@ -10,10 +10,11 @@ leave them out):
 - ``average_parameters`` from ``torch.distributed.algorithms.model_averaging.utils`` (a
   ``torch.cat`` copy, one all-reduce, parameters re-pointed into it);
 - ours fp32 and bf16: ``local_sgd_optim.averaging.BucketedAverager(...).average()`` on
-  parameters placed in bucket storage (the default of ``LocalSGDOptimizer``,
-  ``parameters_as_bucket_view=True``: the all-reduce runs on the parameters' own memory) and on
-  parameters that keep their own memory (copied into a wire buffer and back); and the fp32 round
-  through ``LocalSGDOptimizer(..., average_buffers=False).average()``;
+  parameters that keep their own memory (the default of ``LocalSGDOptimizer``: copied into a
+  wire buffer and back) and on parameters placed in bucket storage
+  (``parameters_as_bucket_view=True``: the all-reduce runs on the parameters' own memory); and
+  the fp32 round through ``LocalSGDOptimizer(..., average_buffers=False).average()``, both
+  ways;
 - the floor.
 
 Methods run interleaved, in a rotated order each repeat; a repeat times ``--rounds`` rounds back
@@ -80,7 +81,7 @@ def ours_round(
     model: nn.Module, comm_dtype: torch.dtype | None, in_place: bool
 ) -> Callable[[], object]:
     """Our averager; ``in_place``: parameters placed in bucket storage first, as
-    ``LocalSGDOptimizer`` does by default (``parameters_as_bucket_view=True``)."""
+    ``LocalSGDOptimizer(..., parameters_as_bucket_view=True)`` does."""
     params = [p for p in model.parameters() if p.requires_grad]
     if in_place:
         Residence(params, list(model.parameters()))
@@ -104,19 +105,22 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
     methods[label] = fn
     methods["torch `average_parameters`"] = average_parameters_round(copy.deepcopy(base))
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
-        methods[f"ours {label}"] = ours_round(copy.deepcopy(base), dtype, in_place=True)
-        own = ours_round(copy.deepcopy(base), dtype, in_place=False)
-        methods[f"ours {label}, parameters in their own memory"] = own
+        methods[f"ours {label}"] = ours_round(copy.deepcopy(base), dtype, in_place=False)
+        placed = ours_round(copy.deepcopy(base), dtype, in_place=True)
+        methods[f"ours {label}, `parameters_as_bucket_view=True`"] = placed
     # The same round through the optimizer: what a training loop pays at a period boundary.
-    model = copy.deepcopy(base)
-    opt = LocalSGDOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        model,
-        period=10**9,
-        average_buffers=False,
-        broadcast_initial=False,
-    )
-    methods["ours fp32, `LocalSGDOptimizer.average()`"] = opt.average
+    for placed_too in (False, True):
+        model = copy.deepcopy(base)
+        opt = LocalSGDOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model,
+            period=10**9,
+            average_buffers=False,
+            broadcast_initial=False,
+            parameters_as_bucket_view=placed_too,
+        )
+        suffix = ", `parameters_as_bucket_view=True`" if placed_too else ""
+        methods[f"ours fp32, `LocalSGDOptimizer.average()`{suffix}"] = opt.average
     methods["floor: one all-reduce of a flat fp32 buffer"] = floor_round(base)
 
     names = list(methods)

@@ -1,6 +1,6 @@
 """Benchmark 1b: where an averaging round's time goes, pass by pass, against the floor.
 
-For parameters placed in bucket storage (``parameters_as_bucket_view=True``, the default), a
+For parameters placed in bucket storage (``parameters_as_bucket_view=True``), a
 full-precision round is: the header (one read of the parameters for NaN and the fingerprint,
 then one small all-reduce), one in-place all-reduce per bucket, one division. A round with
 bf16 deltas adds: the delta (parameters minus anchor), the cast to bf16, the cast back, the
