@@ -14,10 +14,12 @@ that decides is under 300 lines, and every part it delegates to has a module of 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 import warnings
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Callable
 
@@ -50,6 +52,7 @@ from local_sgd_optim.resume import (
 from local_sgd_optim.rounds import Rounds
 from local_sgd_optim.settings import PeriodSchedule, Settings
 from local_sgd_optim.unclosed import watch_for_unclosed
+from local_sgd_optim.view import global_view
 
 __all__ = ["LocalSGDOptimizer"]
 
@@ -685,6 +688,54 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._verify_loaded_parameters(self._loaded_parameters)
         if self._settings.enabled:
             self._round(kind="average()")
+
+    @contextlib.contextmanager
+    def global_model(self) -> Iterator[nn.Module]:
+        """Within the block, the model is the global model: the mean of the ranks' parameters
+        and running statistics (other buffers: the first rank's); afterwards every rank has
+        its own values back, bitwise. For evaluating and saving during training.
+
+        Unlike :meth:`average`, this is not a round: no counter, optimizer or outer-optimizer
+        state, 16-bit anchor or round in flight changes, so evaluating or saving every few
+        steps leaves training exactly as it would have been without. It costs one
+        full-precision all-reduce of the averaged tensors and, during the block, one copy of
+        them. After :meth:`close`, or with nothing to communicate, the model is yielded as is.
+
+        Yields:
+            The model (``model`` as given to the constructor).
+
+        Raises:
+            RoundError: the ranks are at different steps or doing something else, or a rank's
+                tensors hold NaN or inf; raised on every rank, before any value changes.
+
+        Example::
+
+            >>> with opt.global_model() as model:
+            ...     model.eval()
+            ...     accuracy = evaluate(model, test_loader)
+            ...     torch.save(model.state_dict(), "global.pt")  # on rank 0
+            ...     model.train()
+
+        .. warning::
+            Every rank of the process group must enter the block at the same point.
+        """
+        if not self._communicates or self._ownership.closed:
+            yield self._model
+            return
+        if self._loaded_parameters is not None:
+            self._verify_loaded_parameters(self._loaded_parameters)
+        unchanged = self._built_state is not None and self._built_state == self._rounds.signature()
+        settings = self._settings
+        with global_view(
+            self._rounds.tracked(),
+            self._process_group,
+            self._clock.optimizer_steps,
+            self._stats,
+            settings.bucket_cap_mb,
+        ):
+            yield self._model
+        if unchanged:  # values put back are not weights loaded since construction
+            self._built_state = self._rounds.signature()
 
     def close(self) -> None:
         """End training: a final averaging round, unless no optimizer step happened since the last.

@@ -33,6 +33,7 @@ KINDS = {
     "gradient average": 5,
     "add_param_group()": 6,
     "first step()": 7,
+    "global model": 8,
 }
 _NAMES = {code: name for name, code in KINDS.items()}
 _SLOTS = 6  # kind, step, flag, fingerprint, changed, plan
