@@ -16,13 +16,17 @@ Under the hood, on every rank:
 - ``training_step`` hands the ``DistributedDataParallel`` that Accelerate built to
   :meth:`~local_sgd_optim.LocalSGDOptimizer.attach_ddp` before its first forward, so DDP never
   all-reduces a gradient (the wrapper would also find it at the first forward by itself).
-- Before every checkpoint, every ``evaluate()`` during training, every ``save_model()`` and at
-  the end of ``train()``, the ranks run one averaging round (unless nothing was stepped since
-  the last one), so the saved and evaluated model is the average, the same on every rank.
-- ``_save_optimizer_and_scheduler`` also writes each rank's own optimizer state:
-  ``optimizer.pt`` is rank 0's (as ``Trainer`` writes it), ``optimizer-rank{N}.pt`` rank N's;
+- Every ``evaluate()`` and every model saved during training (checkpoints, ``save_model()``)
+  see the global model, the mean of the ranks
+  (:meth:`~local_sgd_optim.LocalSGDOptimizer.global_model`), computed for the occasion and
+  then put back: evaluating and saving never change training, whatever ``eval_steps`` and
+  ``save_steps`` are. At the end of ``train()`` one averaging round leaves every rank with the
+  average.
+- ``_save_optimizer_and_scheduler`` also writes each rank's own optimizer state and, between
+  rounds, its own model: ``optimizer.pt`` is rank 0's (as ``Trainer`` writes it),
+  ``optimizer-rank{N}.pt`` rank N's, ``model-rank{N}.pt`` rank N's parameters and buffers;
   ``_load_optimizer_and_scheduler`` loads each rank's own, so a resumed run continues with
-  every rank's momentum or Adam moments and the wrapper's counters exactly as saved.
+  every rank's weights, momentum or Adam moments and the wrapper's counters exactly as saved.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -42,7 +47,7 @@ if TYPE_CHECKING:
 
     LocalSGDTrainer: type  # built on first access by __getattr__ below
 
-__all__ = ["LocalSGDTrainer", "LocalSGDTrainerMixin", "rank_optimizer_file"]
+__all__ = ["LocalSGDTrainer", "LocalSGDTrainerMixin", "rank_model_file", "rank_optimizer_file"]
 
 OPTIMIZER_FILE = "optimizer.pt"  # transformers.trainer.OPTIMIZER_NAME: rank 0's state
 
@@ -67,6 +72,25 @@ def rank_optimizer_file(rank: int) -> str:
     return OPTIMIZER_FILE if rank == 0 else f"optimizer-rank{rank}.pt"
 
 
+def rank_model_file(rank: int) -> str:
+    """The name of the file that holds rank ``rank``'s own model (``state_dict()``) in a
+    checkpoint folder written between rounds, beside ``Trainer``'s model file (which holds the
+    global model, the mean of the ranks).
+
+    Args:
+        rank (int): the global rank (``TrainingArguments.process_index``).
+
+    Returns:
+        The file name, without the folder.
+
+    Example::
+
+        >>> rank_model_file(2)
+        'model-rank2.pt'
+    """
+    return f"model-rank{rank}.pt"
+
+
 class LocalSGDTrainerMixin:
     """Local SGD for ``transformers.Trainer``: put it before ``Trainer`` in the bases.
 
@@ -81,14 +105,16 @@ class LocalSGDTrainerMixin:
     started (``trainer.optimizer`` is Accelerate's wrapper around it): its counters
     (``optimizer_steps``, ``averaging_rounds``) and ``stats`` (bytes sent) are there.
 
-    The ranks run an extra averaging round, if anything was stepped since the last one, before
-    each checkpoint, each ``evaluate()`` during training, each ``save_model()`` and at the end
-    of ``train()``: the saved, evaluated and returned model is the average of the ranks, the
-    same on every rank, and ``load_best_model_at_end`` and resuming load that model on every
-    rank. Each rank saves its own optimizer state (:func:`rank_optimizer_file`) and loads it
-    back on resume, so counters, momentum and Adam moments continue exactly; a checkpoint
-    without the per-rank files (a plain ``Trainer``'s) loads rank 0's state everywhere, with a
-    warning. The checkpoint folder must be on a file system every rank sees.
+    Each ``evaluate()`` and each model saved during training (checkpoints, ``save_model()``)
+    see the global model, the mean of the ranks computed for the occasion and then put back
+    (:meth:`~local_sgd_optim.LocalSGDOptimizer.global_model`), so evaluating and saving never
+    change training; ``train()`` ends with an averaging round, so the returned model is the
+    average, the same on every rank, as is every saved model (``load_best_model_at_end`` loads
+    it on every rank). Each rank saves its own optimizer state (:func:`rank_optimizer_file`)
+    and, between rounds, its own model (:func:`rank_model_file`), and loads both back on
+    resume, so weights, counters, momentum and Adam moments continue exactly; a checkpoint
+    without the per-rank files (a plain ``Trainer``'s) loads rank 0's optimizer state
+    everywhere, with a warning. The checkpoint folder must be on a file system every rank sees.
 
     Args:
         *args: ``Trainer``'s positional arguments.
@@ -214,6 +240,25 @@ class LocalSGDTrainerMixin:
         self._local_sgd_synced_at = ours.optimizer_steps
         self._local_sgd_rounds_seen = ours.averaging_rounds
 
+    def _local_sgd_apart(self) -> bool:
+        """Whether the ranks may hold different models now (stepped since the last round)."""
+        ours = self.local_sgd
+        return (
+            ours is not None
+            and ours.world_size > 1
+            and self._local_sgd_synced_at != ours.optimizer_steps
+        )
+
+    @contextlib.contextmanager
+    def _local_sgd_global_model(self) -> Iterator[None]:
+        """The global model for the block, on every rank, when the ranks are apart."""
+        ours = self.local_sgd
+        if ours is None or not self._local_sgd_apart():
+            yield
+            return
+        with ours.global_model():
+            yield
+
     # --- training --------------------------------------------------------------------------
 
     def training_step(self, model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -259,7 +304,8 @@ class LocalSGDTrainerMixin:
         return output
 
     def evaluate(self, *args: Any, **kwargs: Any) -> Any:
-        """``Trainer.evaluate`` on the averaged model: a round first, during training.
+        """``Trainer.evaluate`` on the global model (the mean of the ranks), which is put back
+        afterwards: evaluating does not change training.
 
         Args:
             *args: passed on to ``Trainer.evaluate``.
@@ -272,14 +318,15 @@ class LocalSGDTrainerMixin:
 
             >>> metrics = trainer.evaluate()
         """
-        self._local_sgd_sync()
         base: Any = super()
-        return base.evaluate(*args, **kwargs)
+        with self._local_sgd_global_model():
+            return base.evaluate(*args, **kwargs)
 
     # --- saving and resuming ---------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` of the averaged model. Call it on every rank, as ``Trainer``
+        """``Trainer.save_model`` of the global model (the mean of the ranks; during training
+        computed for the save and put back afterwards). Call it on every rank, as ``Trainer``
         asks.
 
         Args:
@@ -290,14 +337,9 @@ class LocalSGDTrainerMixin:
 
             >>> trainer.save_model("final")
         """
-        self._local_sgd_sync()
         base: Any = super()
-        base.save_model(output_dir, _internal_call=_internal_call)
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        self._local_sgd_sync()  # before the model is written: the checkpoint holds the average
-        base: Any = super()
-        base._save_checkpoint(model, trial)
+        with self._local_sgd_global_model():
+            base.save_model(output_dir, _internal_call=_internal_call)
 
     def _local_sgd_per_rank(self) -> bool:
         return self.local_sgd is not None and self.local_sgd.world_size > 1
@@ -308,12 +350,11 @@ class LocalSGDTrainerMixin:
         if not self._local_sgd_per_rank() or self.args.save_only_model:
             return
         rank = self.args.process_index
+        os.makedirs(output_dir, exist_ok=True)
         if rank != 0:
-            os.makedirs(output_dir, exist_ok=True)
-            path = os.path.join(output_dir, rank_optimizer_file(rank))
-            partial = f"{path}.partial"
-            torch.save(self.optimizer.state_dict(), partial)
-            os.replace(partial, path)  # never a half-written file under the final name
+            _save_atomically(self.optimizer.state_dict(), output_dir, rank_optimizer_file(rank))
+        if self._local_sgd_apart():  # Trainer saved the global model: each rank keeps its own
+            _save_atomically(self.model.state_dict(), output_dir, rank_model_file(rank))
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # the checkpoint is complete on every rank before anyone goes on
 
@@ -324,6 +365,8 @@ class LocalSGDTrainerMixin:
         if checkpoint is None or ours is None or not self._local_sgd_per_rank():
             return
         rank = self.args.process_index
+        device = self.args.device
+        location = device if device.type != "cpu" else "cpu"
         if rank != 0:
             path = os.path.join(checkpoint, rank_optimizer_file(rank))
             if not os.path.isfile(path):
@@ -334,14 +377,26 @@ class LocalSGDTrainerMixin:
                         stacklevel=2,
                     )
                 return
-            device = self.args.device
-            location = device if device.type != "cpu" else "cpu"
             self.optimizer.load_state_dict(
                 torch.load(path, map_location=location, weights_only=True)
             )
-        # The model was saved averaged, so every rank starts from the same values.
+        own = os.path.join(checkpoint, rank_model_file(rank))
+        if os.path.isfile(own):  # saved between rounds: this rank's own model, not the mean
+            self.model.load_state_dict(torch.load(own, map_location=location, weights_only=True))
+            self._local_sgd_rounds_seen = ours.averaging_rounds
+            return
+        # Saved right after a round: every rank starts from the model Trainer loaded.
         self._local_sgd_synced_at = ours.optimizer_steps
         self._local_sgd_rounds_seen = ours.averaging_rounds
+
+
+def _save_atomically(value: Any, folder: str, name: str) -> None:
+    """``torch.save`` to ``folder/name`` through a temporary name: never a half-written file
+    under the final name."""
+    path = os.path.join(folder, name)
+    partial = f"{path}.partial"
+    torch.save(value, partial)
+    os.replace(partial, path)
 
 
 _TRAINER_CLASS: type | None = None

@@ -5,6 +5,8 @@ stdlib source file) that records, at every optimizer step on every rank, the cou
 the gradients and parameters differ across ranks, and what it saved at each checkpoint.
 ``--phase resume``: a fresh process resumes from a checkpoint of the first phase and records
 what every rank loaded, trains to the end, then a plain Trainer (DDP) run on the same data.
+``--phase neutral``: runs with and without evaluation every 5 steps and saves every 10, with
+and without an outer optimizer, and a GPT-2 with its default dropout evaluated every 5 steps.
 Rank 0 prints one ``RESULT {json}`` line.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from local_sgd_optim.transformers import LocalSGDTrainer
@@ -46,12 +49,14 @@ def datasets() -> tuple[Bytes, Bytes]:
     return Bytes(raw[:cut]), Bytes(raw[cut:][: 64 * SEQ])
 
 
-def model() -> GPT2LMHeadModel:
+def model(dropout: bool = False) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     config = GPT2Config(
         vocab_size=256, n_positions=SEQ, n_layer=2, n_head=2, n_embd=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
+    if not dropout:  # else GPT2Config's defaults, 0.1 each
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
     return GPT2LMHeadModel(config)
 
 
@@ -147,6 +152,13 @@ class Recorder(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         ours = self.trainer.local_sgd
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        saved = load_file(os.path.join(folder, "model.safetensors"))
+        params = dict(self.trainer.model.named_parameters())
+        written = torch.cat([saved[k].reshape(-1) for k in params if k in saved])
+        mine = torch.cat([p.detach().reshape(-1) for k, p in params.items() if k in saved])
+        mean = mine.clone()
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
         self.saves.append(
             {
                 "step": state.global_step,
@@ -155,7 +167,10 @@ class Recorder(TrainerCallback):
                 ),
                 "state": gather_strings(digest(ours.state_dict())),
                 "spread": spread(flat(self.trainer.model)),
-                "files": sorted(f for f in os.listdir(folder) if f.startswith("optimizer")),
+                "written_minus_mean": float((written - mean).abs().max()),
+                "files": sorted(
+                    f for f in os.listdir(folder) if f.startswith(("optimizer", "model-rank"))
+                ),
             }
         )
 
@@ -207,14 +222,53 @@ def ddp_run(out: str) -> dict[str, Any]:
     }
 
 
+def neutral_run(out: str, looks: bool, outer: bool, dropout: bool = False) -> dict[str, Any]:
+    """A LocalSGDTrainer run; ``looks``: evaluate every 5 steps and save every 10;
+    ``dropout``: GPT-2's default dropout at a fine-tuning learning rate, without accumulation
+    (with the old float-norm fingerprint and an averaging round at each evaluation, its
+    ranks were taken for identical at the round of step 16)."""
+    train, held_out = datasets()
+    extra: dict[str, Any] = {"save_strategy": "no", "eval_strategy": "no"}
+    if dropout:
+        extra.update(learning_rate=1e-5, gradient_accumulation_steps=1)
+    if looks:
+        extra.update(save_strategy="steps", save_steps=10, eval_strategy="steps", eval_steps=5)
+    options: dict[str, Any] = {}
+    if outer:
+        options["outer_optimizer"] = lambda ps: torch.optim.SGD(
+            ps, lr=0.7, momentum=0.9, nesterov=True
+        )
+    trainer = LocalSGDTrainer(
+        model=model(dropout), args=arguments(out, **extra), train_dataset=train,
+        eval_dataset=held_out, period=4, local_sgd_kwargs=options,
+    )  # fmt: skip
+    trainer.train()
+    ours = trainer.local_sgd
+    assert ours is not None
+    return {
+        "hash": param_hash(trainer.model),
+        "spread": spread(flat(trainer.model)),
+        "rounds": ours.averaging_rounds,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--phase", choices=["first", "resume"], required=True)
+    parser.add_argument("--phase", choices=["first", "resume", "neutral"], required=True)
     parser.add_argument("--dir", required=True)
     options = parser.parse_args()
     out = os.path.join(options.dir, "local_sgd")
     if options.phase == "first":
         result = local_sgd_run(out, None)
+    elif options.phase == "neutral":
+        result = {
+            f"{looks}-{outer}": neutral_run(
+                os.path.join(options.dir, f"neutral-{looks}-{outer}"), looks, outer
+            )
+            for outer in (False, True)
+            for looks in (False, True)
+        }
+        result["dropout"] = neutral_run(os.path.join(options.dir, "dropout"), True, False, True)
     else:
         result = local_sgd_run(out, os.path.join(out, f"checkpoint-{SAVE_STEPS}"))
         result["ddp_run"] = ddp_run(os.path.join(options.dir, "ddp"))
