@@ -11,6 +11,7 @@ has imported (``pytorch_lightning`` when it imported both or neither), and
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 from typing import Any
@@ -58,6 +59,7 @@ class _LocalSGDHooks:
         self.options = options
         self.optimizers: list[LocalSGDOptimizer] = []
         self._pending: dict[str, Any] | None = None
+        self._views: contextlib.ExitStack | None = None
 
     # --- wrapping -------------------------------------------------------------------------
 
@@ -96,6 +98,28 @@ class _LocalSGDHooks:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         for opt in self.optimizers:
             opt.close()
+
+    # --- validation on the global model ---------------------------------------------------
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        # Validation during fit sees the global model (the mean of the ranks), put back
+        # afterwards: validating never changes training (LocalSGDOptimizer.global_model).
+        self._leave_global_model()
+        views = contextlib.ExitStack()
+        for opt in self.optimizers:  # several wrappers: each averages what it owns
+            views.enter_context(opt.global_model())
+        self._views = views
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self._leave_global_model()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._leave_global_model()
+
+    def _leave_global_model(self) -> None:
+        views, self._views = self._views, None
+        if views is not None:
+            views.close()
 
     # --- checkpoints ----------------------------------------------------------------------
 

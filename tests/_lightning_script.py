@@ -54,9 +54,17 @@ class Net(pl.LightningModule):
             nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10)
         )
 
+        self.val_spreads: list[float] = []
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        # Every rank validates the same (global) model, though it trains its own.
+        self.val_spreads.append(spread(flat(self)))
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
 
     def configure_optimizers(self) -> Any:  # unchanged by Local SGD
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -202,12 +210,24 @@ def main() -> None:
     result: dict[str, Any] = {"launcher": args.mode}
 
     if args.mode == "train":
+        # Validation every 5 batches (on the global model) must not change training: the
+        # same run without validation ends with the same parameters, bitwise.
+        quiet, quiet_local_sgd = Net(), LocalSGD(period=PERIOD)
+        trainer([quiet_local_sgd], root / "quiet").fit(quiet, loader)
         local_sgd = LocalSGD(period=PERIOD)
         recorder = Recorder(local_sgd)
-        ckpt = pl.callbacks.ModelCheckpoint(dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1)
+        ckpt = pl.callbacks.ModelCheckpoint(
+            dirpath=root / "ckpt", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+        )
         model = Net()
-        fit = trainer([local_sgd, recorder, ckpt], root / "local")
-        fit.fit(model, loader)
+        val_loader = DataLoader(TensorDataset(*test), batch_size=BATCH)
+        fit = trainer([local_sgd, recorder, ckpt], root / "local", val_check_interval=5)
+        fit.fit(model, loader, val_loader)
+        result.update(
+            validations=len(model.val_spreads),
+            val_spread=max(model.val_spreads),
+            validation_neutral=bool(torch.equal(flat(model), flat(quiet))),
+        )
         opt = local_sgd.optimizers[0]
         rank = dist.get_rank()
         result.update(
@@ -221,7 +241,8 @@ def main() -> None:
             grad_spreads=recorder.grad_spreads,
             final_spread=spread(flat(model)),
             final_counters=[opt.optimizer_steps, opt.averaging_rounds],
-            local_bytes=opt.stats.bytes_communicated,
+            # Training's bytes: the run without validation (validating costs an all-reduce).
+            local_bytes=quiet_local_sgd.optimizers[0].stats.bytes_communicated,
             local_loss=held_out_loss(model, test),
             ckpts=sorted(p.name for p in (root / "ckpt").iterdir()),
         )

@@ -130,6 +130,12 @@ def test_loss_comparable_to_ddp_with_fewer_bytes(trained: dict[str, Any]) -> Non
     assert trained["local_bytes"] * 3 < trained["ddp_bytes"]
 
 
+def test_validation_sees_the_global_model_and_changes_nothing(trained: dict[str, Any]) -> None:
+    assert trained["validations"] >= EPOCHS * 3  # every 5 batches, each epoch
+    assert trained["val_spread"] == 0.0  # the same model on every rank while validating
+    assert trained["validation_neutral"]  # the run without validation ends bitwise equal
+
+
 def test_checkpoint_every_epoch(trained: dict[str, Any]) -> None:
     assert trained["ckpts"] == [f"epoch={e}-step={15 * (e + 1)}.ckpt" for e in range(EPOCHS)]
 
