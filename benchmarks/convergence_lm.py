@@ -1,13 +1,39 @@
-"""Benchmark 6: convergence of a byte-level language model on 4 gloo ranks: DDP, local SGD,
-post-local SGD and DiLoCo, all with AdamW.
+"""Benchmark 6: convergence of a byte-level language model: DDP, local SGD, post-local SGD and
+DiLoCo, all with AdamW, in two regimes.
 
 DiLoCo (arXiv 2311.08105) is about language models trained with AdamW; this measures the outer
-optimizer on that kind of task, small enough for a 2-core machine. Each method trains the same
-decoder-only transformer (2 blocks, width 64, 4 heads, context 64, 120,576 parameters) on the
-same tokens: the Python standard library's own source (``tests/_lm.py``; offline everywhere),
-4 ranks, each its slice of one seeded draw of windows per step, 512 steps of 8 windows per rank,
-AdamW (lr 3e-3, warm-up then cosine decay, weight decay 0.1), tuned a little on DDP only and the
-same for every method. Methods:
+optimizer on that kind of task, small enough for a 2-core machine.
+
+**Published regime** (``--regime published``): where the DiLoCo papers reach DDP's loss from
+scratch (Scaling Laws for DiLoCo, arXiv 2503.09799; Streaming DiLoCo, arXiv 2501.18512): few
+replicas, many rounds. A 445,952-parameter transformer (2 blocks, width 128, context 128) on
+16 MB of the standard library's source (underfit: a run sees 4.2 MB), 2,048 steps of one global
+batch of 16 windows split across M = 1, 2 or 4 replicas (equal tokens for every method), AdamW
+with warm-up, cosine decay and gradient clipping at 1.0, each replica its own AdamW state; H = 32,
+so 64 rounds. The held-out loss is the global model's (the outer weights: the last step is a
+round). Each run is spawned on its own and appended to ``docs/convergence_lm_published.json`` at
+once (a run already there is skipped unless ``--force``), so the sweep runs in stages; about 4
+minutes a run on 2 cores::
+
+    python benchmarks/convergence_lm.py --regime published --methods DDP --lrs 1e-3,2e-3,4e-3
+    python benchmarks/convergence_lm.py --regime published --replicas 2 --lrs 2e-3 \\
+        --methods "DiLoCo H=32 lr=0.6 m=0.9,DiLoCo H=32 lr=0.6 m=0.9 bf16" --seeds 0,1,2
+    python benchmarks/convergence_lm.py --regime published --table
+
+Methods are named ``"DDP"``, ``"local SGD H=32"``, ``"post-local SGD H=32"`` (the first quarter
+synchronous) and ``"DiLoCo H=32 lr=0.6 m=0.9"`` (outer Nesterov lr and momentum), each with a
+trailing ``bf16`` for bfloat16 pseudo-gradients; ``--replicas``, ``--lrs`` (inner peak learning
+rates) and ``--seeds`` are comma-separated lists. ``--table`` prints the final table (per method
+and M, its best setting, mean ± std over its seeds), the targets and every configuration run,
+and writes ``docs/convergence_lm_published.png``. ``--quick`` trains DDP and DiLoCo (float32 and
+bfloat16) on 2 replicas for 128 steps and keeps no file (about a minute).
+
+**Short regime** (the default): few rounds, more replicas, a small model. Each method trains
+the same decoder-only transformer (2 blocks, width 64, 4 heads, context 64, 120,576 parameters)
+on the same tokens: the Python standard library's own source (``tests/_lm.py``; offline
+everywhere), 4 ranks, each its slice of one seeded draw of windows per step, 512 steps of 8
+windows per rank, AdamW (lr 3e-3, warm-up then cosine decay, weight decay 0.1), tuned a little
+on DDP only and the same for every method. Methods:
 
 - DDP: ``DistributedDataParallel``, gradients all-reduced every step;
 - local SGD with AdamW at H = 8 and 32 (``LocalSGDOptimizer(period=H)``);
@@ -184,9 +210,11 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
     for r in rows:
         style = "--" if r["method"].startswith("DiLoCo") else "-"
-        left.plot(r["curve_steps"], r["curve_loss"], style, marker=".", label=r["method"])
+        line = left.plot(r["curve_steps"], r["curve_loss"], style, marker=".", label=r["method"])
+        if not r["curve_bytes"][-1]:
+            continue  # one replica sends nothing: no place on the bytes axis
         xs = [max(b, 1e3) for b in r["curve_bytes"]]  # the first point (0 bytes) on a log axis
-        right.plot(xs, r["curve_loss"], style, marker=".", label=r["method"])
+        right.plot(xs, r["curve_loss"], style, marker=".", color=line[0].get_color())
     for ax in (left, right):
         ax.set_ylim(top=min(3.4, max(max(r["curve_loss"][1:]) for r in rows) + 0.05))
         ax.set_ylabel("held-out loss on 256 windows, nats/byte (mean of seeds)")
@@ -202,20 +230,327 @@ def plot(rows: list[dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+# The published regime: where the DiLoCo papers reach DDP's loss from scratch (few replicas, many
+# rounds). Results are appended run by run, so that the sweep can be run in stages.
+PUBLISHED_JSON = os.path.join(_ROOT, "docs", "convergence_lm_published.json")
+PUBLISHED_PNG = os.path.join(_ROOT, "docs", "convergence_lm_published.png")
+PUBLISHED_METHODS = (
+    "DDP",
+    "local SGD H=32",
+    "post-local SGD H=32",
+    "DiLoCo H=32 lr=0.7 m=0.9",
+    "DiLoCo H=32 lr=0.7 m=0.9 bf16",
+)
+PARITY = 0.01  # DiLoCo with 2 replicas within 1% of DDP's held-out loss
+# ... with at least this many times fewer bytes, by pseudo-gradient dtype.
+PARITY_RATIO = {"float32": 32, "bf16": 64}
+
+
+def published_hyper(replicas: int, lr: float, steps: int) -> _lm.Hyper:
+    """:data:`_lm.PUBLISHED` for ``replicas`` ranks: the global batch split between them."""
+    if _lm.PUBLISHED_GLOBAL_BATCH % replicas:
+        raise ValueError(f"{replicas} replicas do not split {_lm.PUBLISHED_GLOBAL_BATCH} windows")
+    return dataclasses.replace(
+        _lm.PUBLISHED,
+        batch_size=_lm.PUBLISHED_GLOBAL_BATCH // replicas,
+        lr=lr,
+        steps=steps,
+        eval_every=min(_lm.PUBLISHED.eval_every, steps // 2),
+    )
+
+
+def _key(run: dict[str, Any]) -> tuple[str, int, float, int]:
+    return run["method"], run["world_size"], run["lr"], run["seed"]
+
+
+def _published_progress(method: str, seed: int, mine: dict[str, Any]) -> str:
+    return (
+        f"  {method}, M={mine['world_size']}, inner lr {mine['lr']:g}, seed {seed}: "
+        f"held-out {mine['held_out_loss']:.4f}, {mine['seconds']:.1f} s"
+    )
+
+
+def run_published(
+    methods: list[str],
+    replicas: list[int],
+    lrs: list[float],
+    seeds: list[int],
+    steps: int,
+    saved: dict[str, Any],
+    path: str | None,
+    force: bool = False,
+) -> None:
+    """Train every (replicas, inner lr, seed, method) not in ``saved["runs"]`` yet, each on
+    freshly spawned ranks, and append it (rank 0's record, bytes the most any rank sent) to
+    ``saved``, written to ``path`` after every run."""
+    done = {_key(r): i for i, r in enumerate(saved["runs"])}
+    for m in replicas:
+        for lr in lrs:
+            hyper = published_hyper(m, lr, steps)
+            for seed in seeds:
+                for method in methods:
+                    if (method, m, lr, seed) in done and not force:
+                        continue
+                    per_rank = _ranks.run_all(
+                        _lm.train, [method], [seed], hyper, m, _published_progress
+                    )[0]
+                    run = dict(per_rank[0], bytes=max(r["bytes"] for r in per_rank))
+                    if (method, m, lr, seed) in done:
+                        saved["runs"][done[(method, m, lr, seed)]] = run
+                    else:
+                        saved["runs"].append(run)
+                    if path is not None:
+                        with open(path, "w") as f:
+                            json.dump(saved, f, indent=1)
+
+
+def label(method: str) -> str:
+    """The method without its outer settings: ``"DiLoCo H=32 bf16"``."""
+    return " ".join(w for w in method.split() if not w.startswith(("lr=", "m=")))
+
+
+def _outer(method: str) -> str:
+    options = dict(w.split("=") for w in method.split() if w.startswith(("lr=", "m=")))
+    return f"{options['lr']} / {options['m']}" if options else ""
+
+
+def published_configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (method, replicas, inner lr): its runs' held-out loss over seeds, bytes,
+    rounds, wall time and mean loss curve."""
+    groups: dict[tuple[str, int, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["method"], r["world_size"], r["lr"]), []).append(r)
+    configs = []
+    for (method, m, lr), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        loss = [r["held_out_loss"] for r in rs]
+        curves = [r["curve"] for r in rs]
+        configs.append(
+            {
+                "method": method,
+                "label": label(method),
+                "replicas": m,
+                "lr": lr,
+                "by_seed": {r["seed"]: r["held_out_loss"] for r in rs},
+                "seeds": len(rs),
+                "loss_mean": statistics.mean(loss),
+                "loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
+                "bytes": max(r["bytes"] for r in rs),
+                "rounds": rs[0]["rounds"],
+                "seconds": statistics.mean(r["seconds"] for r in rs),
+                "curve_steps": [p[0] for p in curves[0]],
+                "curve_loss": [
+                    statistics.mean(c[i][1] for c in curves) for i in range(len(curves[0]))
+                ],
+                "curve_bytes": rs[0]["curve_bytes"],
+            }
+        )
+    return configs
+
+
+def _vs(config: dict[str, Any], ddp: dict[str, Any] | None) -> float | None:
+    """Relative difference of the held-out loss to DDP's, on the seeds both have run (all of
+    DDP's if they share none)."""
+    if ddp is None:
+        return None
+    common = [s for s in config["by_seed"] if s in ddp["by_seed"]]
+    ours = statistics.mean(config["by_seed"][s] for s in common) if common else None
+    theirs = statistics.mean(ddp["by_seed"][s] for s in common) if common else None
+    if ours is None or theirs is None:
+        ours, theirs = config["loss_mean"], ddp["loss_mean"]
+    return ours / theirs - 1
+
+
+def best(configs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (label, replicas), the configuration of lowest held-out loss: compared on the seeds
+    that all of them have run, else on their means."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for c in configs:
+        groups.setdefault((c["label"], c["replicas"]), []).append(c)
+    chosen = []
+    for (_, _), cs in sorted(groups.items(), key=lambda kv: (kv[0][1] != 2, kv[0])):
+        common = set.intersection(*(set(c["by_seed"]) for c in cs))
+
+        def score(c: dict[str, Any], common: set[int] = common) -> tuple[float, int]:
+            loss = statistics.mean(c["by_seed"][s] for s in common) if common else c["loss_mean"]
+            return loss, -c["seeds"]
+
+        chosen.append(min(cs, key=score))
+    return chosen
+
+
+def _ddp(configs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ddp = [c for c in best(configs) if c["label"] == "DDP"]
+    return min(ddp, key=lambda c: (c["replicas"] != 2, -c["seeds"])) if ddp else None
+
+
+def published_table(configs: list[dict[str, Any]]) -> str:
+    """The final table: per method and replica count, its best setting, held-out loss (mean ±
+    std over seeds), difference to DDP, bytes per rank and their ratio, rounds, wall time."""
+    ddp = _ddp(configs)
+    lines = [
+        "| method | M | inner lr | outer lr / momentum | seeds | held-out loss, nats/byte "
+        "(mean ± std) | vs DDP | bytes per rank | DDP bytes / ours | rounds | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in best(configs):
+        vs = _vs(c, ddp)
+        diff = f"{100 * vs:+.2f}%" if vs is not None else "n/a"
+        ratio = f"{ddp['bytes'] / c['bytes']:.1f}x" if ddp and c["bytes"] else "none sent"
+        lines.append(
+            f"| {c['label']} | {c['replicas']} | {c['lr']:g} | {_outer(c['method'])} | "
+            f"{c['seeds']} | {c['loss_mean']:.4f} ± {c['loss_std']:.4f} | {diff} | "
+            f"{c['bytes']:,} | {ratio} | {c['rounds']} | {c['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def published_sweep(configs: list[dict[str, Any]]) -> str:
+    """Every configuration run: held-out loss by seed and against DDP's best."""
+    ddp = _ddp(configs)
+    lines = [
+        "| method | M | inner lr | outer lr / momentum | held-out loss by seed | vs DDP |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    order = sorted(
+        configs, key=lambda c: (c["replicas"] != 2, c["label"], c["replicas"], c["loss_mean"])
+    )
+    for c in order:
+        vs = _vs(c, ddp)
+        seeds = ", ".join(f"{s}: {x:.4f}" for s, x in sorted(c["by_seed"].items()))
+        diff = f"{100 * vs:+.2f}%" if vs is not None else "n/a"
+        lines.append(
+            f"| {c['label']} | {c['replicas']} | {c['lr']:g} | {_outer(c['method'])} | "
+            f"{seeds} | {diff} |"
+        )
+    return "\n".join(lines)
+
+
+def published_targets(configs: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, met or missed, with the numbers."""
+    ddp = _ddp(configs)
+    if ddp is None:
+        return ["no DDP run: targets not checked"]
+    by = {(c["label"], c["replicas"]): c for c in best(configs)}
+    lines = []
+    for name, dtype in (("DiLoCo H=32", "float32"), ("DiLoCo H=32 bf16", "bf16")):
+        c = by.get((name, 2))
+        if c is None:
+            lines.append(f"- {name}, M=2: not run")
+            continue
+        gap, ratio = _vs(c, ddp), ddp["bytes"] / c["bytes"]
+        assert gap is not None
+        met = gap <= PARITY and ratio >= PARITY_RATIO[dtype]
+        lines.append(
+            f"- {name}, M=2, within {100 * PARITY:g}% of DDP with at least "
+            f"{PARITY_RATIO[dtype]}x fewer bytes: {'met' if met else 'MISSED'} "
+            f"({100 * gap:+.2f}% over {c['seeds']} seed(s); {ratio:.1f}x fewer bytes)"
+        )
+    c = by.get(("DiLoCo H=32", 1))
+    if c is None:
+        lines.append("- DiLoCo H=32, M=1: not run")
+    else:
+        gap = _vs(c, ddp)
+        assert gap is not None
+        verdict = "met" if gap <= 0 else "MISSED"
+        lines.append(
+            f"- DiLoCo H=32, M=1, no worse than DDP: {verdict} ({100 * gap:+.2f}% over "
+            f"{c['seeds']} seed(s))"
+        )
+    return lines
+
+
+def describe_published(setting: dict[str, Any]) -> str:
+    """One line: data, model, batch, steps and optimizer settings."""
+    return (
+        f"byte-level LM on {setting['text'].split(' of ')[0]} of Python {sys.version.split()[0]}'s "
+        f"stdlib source, {setting['layers']}x{setting['d_model']} "
+        f"transformer ({setting['parameters']:,} params), {setting['steps']} steps of "
+        f"{_lm.PUBLISHED_GLOBAL_BATCH}x{setting['context']} bytes split across M replicas, "
+        f"AdamW (warm-up, cosine, clip {setting['clip']:g}); unigram entropy "
+        f"{setting['unigram_entropy']:.3f} nats/byte"
+    )
+
+
+def show_published(saved: dict[str, Any], png: str | None) -> None:
+    """Print the tables and targets of the saved runs; write the plot of the final table."""
+    configs = published_configs(saved["runs"])
+    print(describe_published(saved["setting"]) + "\n")
+    print(published_table(configs) + "\n")
+    print("\n".join(published_targets(configs)) + "\n")
+    print(published_sweep(configs))
+    if png is not None:
+        rows = [c | {"method": f"{c['label']}, M={c['replicas']}"} for c in best(configs)]
+        plot(rows, png, describe_published(saved["setting"]))
+        print(f"\nwrote {os.path.relpath(png)}")
+
+
+def main_published(args: argparse.Namespace) -> None:
+    """``--regime published``: run what is asked and not yet saved, then show the tables."""
+    steps = 128 if args.quick else args.steps or _lm.PUBLISHED.steps
+    path = args.json if args.json is not None else None if args.quick else PUBLISHED_JSON
+    setting = dataclasses.asdict(dataclasses.replace(_lm.PUBLISHED, steps=steps)) | {
+        "parameters": _lm.parameter_count(_lm.PUBLISHED),
+        "unigram_entropy": _lm.unigram_entropy(_lm.PUBLISHED.text_bytes),
+        "text": _lm.text_fingerprint(_lm.PUBLISHED.text_bytes),
+        "torch": torch.__version__,
+    }
+    saved: dict[str, Any] = {"setting": setting, "runs": []}
+    if path is not None and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        kept = {k: saved["setting"].get(k) for k in ("steps", "context", "d_model", "layers")}
+        if any(setting[k] != v for k, v in kept.items()):
+            raise SystemExit(f"{path} holds runs of other settings ({kept}); pass --json")
+    if not args.table:
+        if args.quick:
+            methods = ["DDP", "DiLoCo H=32 lr=0.7 m=0.9", "DiLoCo H=32 lr=0.7 m=0.9 bf16"]
+        else:
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for m in methods:
+            try:
+                _lm.method_config(m)
+            except (KeyError, ValueError):
+                raise SystemExit(f"unknown method {m!r}") from None
+        replicas = [int(x) for x in (args.replicas or "2").split(",")]
+        lrs = [float(x) for x in (args.lrs or f"{_lm.PUBLISHED.lr:g}").split(",")]
+        seeds = [int(x) for x in (args.seeds or "0").split(",")]
+        start = time.perf_counter()
+        run_published(methods, replicas, lrs, seeds, steps, saved, path, args.force)
+        loads = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"{time.perf_counter() - start:.0f} s in all, load average {loads}\n")
+    show_published(saved, None if args.quick else args.png or PUBLISHED_PNG)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--regime", choices=("short", "published"), default="short")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2; sweep 0)")
-    parser.add_argument("--methods", default=",".join(_lm.METHODS), help="comma-separated")
+    parser.add_argument("--methods", default=None, help="comma-separated")
     parser.add_argument("--sweep", action="store_true", help="the outer lr / momentum sweep")
-    parser.add_argument("--steps", type=int, default=_lm.Hyper.steps)
+    parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=_lm.Hyper.lr)
     parser.add_argument("--batch-size", type=int, default=_lm.Hyper.batch_size)
-    parser.add_argument("--json", default=os.path.join(_ROOT, "docs", "convergence_lm.json"))
-    parser.add_argument("--png", default=os.path.join(_ROOT, "docs", "convergence_lm.png"))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--png", default=None)
     parser.add_argument(
         "--replot", action="store_true", help="redraw the PNG and tables from --json"
     )
+    parser.add_argument("--replicas", default=None, help="published: comma-separated (2)")
+    parser.add_argument("--lrs", default=None, help="published: inner peak lrs, comma-separated")
+    parser.add_argument("--table", action="store_true", help="published: tables and plot only")
+    parser.add_argument("--quick", action="store_true", help="published: 128 steps, no file")
+    parser.add_argument("--force", action="store_true", help="published: rerun saved runs")
     args = parser.parse_args()
+    if args.regime == "published":
+        if args.methods is None:
+            args.methods = ",".join(PUBLISHED_METHODS)
+        main_published(args)
+        return
+    args.methods = args.methods or ",".join(_lm.METHODS)
+    args.steps = args.steps or _lm.Hyper.steps
+    args.json = args.json or os.path.join(_ROOT, "docs", "convergence_lm.json")
+    args.png = args.png or os.path.join(_ROOT, "docs", "convergence_lm.png")
     saved: dict[str, Any] = {}
     if os.path.exists(args.json):
         with open(args.json) as f:

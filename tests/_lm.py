@@ -2,17 +2,21 @@
 ``benchmarks/convergence_lm.py``.
 
 The text is the Python standard library's own source, which every machine with Python has
-offline: the top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]``, sorted by name and
-joined, the first :data:`TEXT_BYTES` bytes. The last :data:`HELD_OUT_BYTES` of those are held out
-(a fixed split); held-out loss is the mean cross-entropy, in nats per byte, over fixed
-non-overlapping windows of that part. The exact text depends on the Python version, so figures
+offline: the top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]``, sorted by name, then
+those of its packages (site-packages excluded), sorted by path, joined; the first
+``Hyper.text_bytes`` bytes (2,000,000 in the short regime, all top-level files; 16,000,000 in the
+published one). The last :data:`HELD_OUT_BYTES` of those are held out (a fixed split); held-out
+loss is the mean cross-entropy, in nats per byte, over fixed non-overlapping windows of that
+part. The exact text depends on the Python version, so figures
 are comparable within one interpreter; :func:`text_fingerprint` names it.
 
 The model is a small decoder-only transformer (pre-norm, causal attention, tied embeddings,
 vocabulary of the 256 byte values). At each step every rank takes its own slice of one seeded
 draw of random windows of the training part, as a sampler over shards would: every method sees
 the same tokens at the same step. AdamW with linear warm-up and cosine decay is the base (inner)
-optimizer for every method; only the way ranks communicate changes.
+optimizer for every method, each rank keeping its own state; only the way ranks communicate
+changes. :data:`PUBLISHED` holds the settings of the regime where the DiLoCo papers reach DDP's
+loss (many rounds, few replicas, gradient clipping); ``Hyper()`` those of the short regime.
 
 :func:`train` runs one method for one seed on the calling rank of an initialised process group
 and returns plain numbers. It lives in ``tests/`` so that the sdist's test suite has it; the
@@ -27,7 +31,6 @@ import math
 import os
 import sysconfig
 import time
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -62,6 +65,8 @@ class Hyper:
         heads (int): attention heads.
         eval_every (int): steps between held-out evaluations for the loss curve (0: none).
         eval_windows (int): held-out windows for the curve; the final model is scored on all.
+        clip (float): clip each rank's gradient norm to this before the inner step (0: never).
+        text_bytes (int): bytes of source text, the held-out part included.
     """
 
     steps: int = 512
@@ -75,6 +80,28 @@ class Hyper:
     heads: int = 4
     eval_every: int = 64
     eval_windows: int = 256
+    clip: float = 0.0
+    text_bytes: int = TEXT_BYTES
+
+
+# The published regime (``benchmarks/convergence_lm.py --regime published``): 2,048 steps of 16
+# windows of 128 bytes in all (split across the replicas: ``batch_size`` is set per world size),
+# 64 rounds at H = 32, a 445,952-parameter model, 16 MB of text so that it stays underfit
+# (4.2 MB of it seen per run), gradients clipped at 1.0 as in the DiLoCo papers.
+PUBLISHED_GLOBAL_BATCH = 16
+PUBLISHED = Hyper(
+    steps=2048,
+    batch_size=PUBLISHED_GLOBAL_BATCH // 2,
+    context=128,
+    lr=2e-3,
+    d_model=128,
+    layers=2,
+    heads=4,
+    eval_every=256,
+    eval_windows=256,
+    clip=1.0,
+    text_bytes=16_000_000,
+)
 
 
 # Each method: how the ranks communicate. "ddp" is torch's DistributedDataParallel; every other
@@ -101,61 +128,87 @@ def diloco(period: int, lr: float, momentum: float) -> dict[str, Any]:
 
 
 def method_config(method: str) -> dict[str, Any]:
-    """:data:`METHODS`' entry, or a sweep point named ``"DiLoCo H=32 lr=0.5 m=0.8"``."""
+    """:data:`METHODS`' entry, or the entry a name spells: ``"DDP"``, ``"local SGD H=32"``,
+    ``"post-local SGD H=32"`` (the first quarter synchronous), ``"DiLoCo H=32 lr=0.5 m=0.8"``
+    (outer Nesterov lr and momentum), each with a trailing ``bf16`` for bfloat16 deltas."""
+    words = method.split()
+    if "bf16" in words:
+        words.remove("bf16")
+        return method_config(" ".join(words)) | {"comm_dtype": torch.bfloat16}
     if method in METHODS:
         return METHODS[method]
-    parts = dict(p.split("=") for p in method.split()[1:])
-    return diloco(int(parts["H"]), float(parts["lr"]), float(parts["m"]))
+    options = dict(w.split("=") for w in words if "=" in w)
+    name = " ".join(w for w in words if "=" not in w)
+    if name == "local SGD":
+        return {"period": int(options["H"])}
+    if name == "post-local SGD":
+        return {"period": int(options["H"]), "warmup_steps": "quarter"}
+    if name == "DiLoCo":
+        return diloco(int(options["H"]), float(options["lr"]), float(options["m"]))
+    raise KeyError(method)
 
 
 def _stdlib_files() -> list[str]:
-    return sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    """The top-level sources sorted by name (the short regime's text), then the packages'."""
+    root = sysconfig.get_paths()["stdlib"]
+    top = sorted(glob.glob(os.path.join(root, "*.py")))
+    nested = sorted(
+        path
+        for path in glob.glob(os.path.join(root, "*", "**", "*.py"), recursive=True)
+        if "site-packages" not in path and "dist-packages" not in path
+    )
+    return top + nested
 
 
-@lru_cache(maxsize=1)
-def load_text() -> bytes:
-    """The first :data:`TEXT_BYTES` of the standard library's top-level sources, joined."""
+@lru_cache(maxsize=2)
+def load_text(text_bytes: int = TEXT_BYTES) -> bytes:
+    """The first ``text_bytes`` of the standard library's sources (:func:`_stdlib_files`),
+    joined."""
     parts, size = [], 0
     for path in _stdlib_files():
         with open(path, "rb") as f:
             data = f.read()
         parts.append(data)
         size += len(data) + 1
-        if size >= TEXT_BYTES:
+        if size >= text_bytes:
             break
-    text = b"\n".join(parts)[:TEXT_BYTES]
-    if len(text) < TEXT_BYTES:
+    text = b"\n".join(parts)[:text_bytes]
+    if len(text) < text_bytes:
         raise RuntimeError(f"only {len(text)} bytes of standard library source found")
     return text
 
 
-def text_fingerprint() -> str:
+def text_fingerprint(text_bytes: int = TEXT_BYTES) -> str:
     """Where the text came from, and the first 12 hex digits of its SHA-256."""
+    text = load_text(text_bytes)
+    where = "*.py" if text_bytes <= TEXT_BYTES else "*.py then **/*.py"
     return (
-        f"{len(load_text()):,} bytes of {sysconfig.get_paths()['stdlib']}/*.py, "
-        f"sha256 {hashlib.sha256(load_text()).hexdigest()[:12]}"
+        f"{len(text):,} bytes of {sysconfig.get_paths()['stdlib']}/{where}, "
+        f"sha256 {hashlib.sha256(text).hexdigest()[:12]}"
     )
 
 
-@lru_cache(maxsize=1)
-def split() -> tuple[Tensor, Tensor]:
+@lru_cache(maxsize=2)
+def split(text_bytes: int = TEXT_BYTES) -> tuple[Tensor, Tensor]:
     """``(train, held_out)``: the text as int64 byte tensors, the last part held out."""
-    data = torch.frombuffer(bytearray(load_text()), dtype=torch.uint8).long()
+    data = torch.frombuffer(bytearray(load_text(text_bytes)), dtype=torch.uint8).long()
     return data[:-HELD_OUT_BYTES], data[-HELD_OUT_BYTES:]
 
 
-def unigram_entropy() -> float:
+def unigram_entropy(text_bytes: int = TEXT_BYTES) -> float:
     """Entropy of the training part's byte frequencies, in nats per byte: the best loss of a
     model that ignores context."""
-    counts = Counter(split()[0].tolist())
-    n = sum(counts.values())
-    return -sum(c / n * math.log(c / n) for c in counts.values())
+    counts = torch.bincount(split(text_bytes)[0], minlength=VOCAB).double()
+    p = counts[counts > 0] / counts.sum()
+    return -(p * p.log()).sum().item()
 
 
-def held_out_windows(context: int, limit: int | None = None) -> Tensor:
+def held_out_windows(
+    context: int, limit: int | None = None, text_bytes: int = TEXT_BYTES
+) -> Tensor:
     """Non-overlapping windows of ``context + 1`` bytes of the held-out part (the first
     ``limit``, if given), one per row."""
-    held = split()[1]
+    held = split(text_bytes)[1]
     n = len(held) // (context + 1)
     windows = held[: n * (context + 1)].view(n, context + 1)
     return windows if limit is None else windows[:limit]
@@ -163,7 +216,7 @@ def held_out_windows(context: int, limit: int | None = None) -> Tensor:
 
 def batch(step: int, seed: int, rank: int, world_size: int, hyper: Hyper) -> Tensor:
     """This rank's windows at ``step``: its slice of one seeded draw shared by all ranks."""
-    train = split()[0]
+    train = split(hyper.text_bytes)[0]
     g = torch.Generator().manual_seed(1_000_003 * seed + step)
     starts = torch.randint(
         0, len(train) - hyper.context - 1, (world_size * hyper.batch_size,), generator=g
@@ -287,8 +340,9 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
         differ), ``bytes`` (payload bytes this rank all-reduced while training:
         ``opt.stats.bytes_communicated``, or what DDP handed to its all-reduces),
         ``curve_bytes`` (``bytes`` at each point of ``curve``), ``rounds`` (DDP: steps),
-        ``steps``, ``seconds`` (wall time of training on this rank, evaluations excluded),
-        ``train_loss`` (mean training loss of the last 10% of steps).
+        ``steps``, ``world_size``, ``lr`` (the inner peak learning rate), ``seconds`` (wall
+        time of training on this rank, evaluations excluded), ``train_loss`` (mean training
+        loss of the last 10% of steps).
     """
     hyper = hyper or Hyper()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -314,7 +368,7 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
         opt = LocalSGDOptimizer(base, net_model, **_local_sgd_kwargs(config, hyper.steps))
         step = opt
     schedule = torch.optim.lr_scheduler.LambdaLR(base, _schedule(hyper))
-    curve_windows = held_out_windows(hyper.context, hyper.eval_windows)
+    curve_windows = held_out_windows(hyper.context, hyper.eval_windows, hyper.text_bytes)
 
     def sent() -> int:
         return opt.stats.bytes_communicated if opt is not None else counter.bytes  # type: ignore[union-attr]
@@ -340,6 +394,8 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
     for i in range(hyper.steps):
         loss = lm_loss(net, batch(i, seed, rank, world, hyper))
         loss.backward()
+        if hyper.clip:
+            torch.nn.utils.clip_grad_norm_(net_model.parameters(), hyper.clip)
         step.step()
         step.zero_grad()
         schedule.step()
@@ -353,7 +409,7 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
     seconds = time.perf_counter() - start - evaluating
 
     # Every rank holds the same model now: each scores a quarter of the windows.
-    windows = held_out_windows(hyper.context)
+    windows = held_out_windows(hyper.context, text_bytes=hyper.text_bytes)
     total = torch.tensor(
         [held_out_loss(net_model, windows[rank::world]) * len(windows[rank::world])]
     )
@@ -374,6 +430,8 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
         "bytes": sent(),
         "rounds": opt.averaging_rounds if opt is not None else hyper.steps,
         "steps": hyper.steps,
+        "world_size": world,
+        "lr": hyper.lr,
         "seconds": seconds,
         "train_loss": train_loss,
     }
