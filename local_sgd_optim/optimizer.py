@@ -699,7 +699,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         state, 16-bit anchor or round in flight changes, so evaluating or saving every few
         steps leaves training exactly as it would have been without. It costs one
         full-precision all-reduce of the averaged tensors and, during the block, one copy of
-        them. After :meth:`close`, or with nothing to communicate, the model is yielded as is.
+        them. Right after a blocking round or :meth:`close`, when the ranks are identical, or
+        with nothing to communicate, the model is yielded as is, for free.
 
         Yields:
             The model (``model`` as given to the constructor).
@@ -719,7 +720,12 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         .. warning::
             Every rank of the process group must enter the block at the same point.
         """
-        if not self._communicates or self._ownership.closed:
+        steps = self._clock.optimizer_steps
+        if (
+            not self._communicates
+            or self._ownership.closed
+            or (self._rounds.identical_at == steps and not self._rounds.in_flight)
+        ):
             yield self._model
             return
         if self._loaded_parameters is not None:
@@ -729,7 +735,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         with global_view(
             self._rounds.tracked(),
             self._process_group,
-            self._clock.optimizer_steps,
+            steps,
             self._stats,
             settings.bucket_cap_mb,
         ):

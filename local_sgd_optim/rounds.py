@@ -90,6 +90,8 @@ class Rounds:
         self._plan_key: tuple[object, ...] | None = None
         self._residence: Residence | None = None
         self._share = Share(model, base_optimizer, extra_params)
+        # The optimizer step after which a blocking round left every rank identical.
+        self.identical_at: int | None = None
         self.outer: OuterOptimizer | None = None
         if settings.outer_optimizer is not None:
             ready = settings.broadcast_initial or not communicates
@@ -286,6 +288,7 @@ class Rounds:
                 applied = self.averager.average(step, kind, check_diverged)
                 if applied:
                     self._broadcast_buffers(entries)
+                    self.identical_at = step
             else:
                 result = self.averager.start(step, kind, check_diverged)
                 landed, applied = result is not None, bool(result)
