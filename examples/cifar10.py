@@ -340,7 +340,7 @@ def train_epoch(run: Run) -> tuple[float, float]:
             break
         if args.eval_every and step % args.eval_every == 0:
             run.clock.stop()
-            evaluate_and_log(run, final=False)  # each rank's own model: no round is added
+            evaluate_and_log(run, final=False)  # the global model; training is unchanged
             run.clock.start()
     run.clock.stop()
     bar.close()
@@ -379,7 +379,7 @@ def loss_and_accuracy(totals: Tensor) -> tuple[float, float]:
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device, amp: bool
 ) -> tuple[float, float]:
-    """Test loss and accuracy, each rank scoring its own model on its shard, summed over ranks."""
+    """Test loss and accuracy, each rank scoring ``model`` on its shard, summed over ranks."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in loader:
@@ -396,8 +396,11 @@ def evaluate(
 
 
 def evaluate_and_log(run: Run, **extra: Any) -> tuple[float, float]:
-    """Evaluate on the test set and write an ``eval`` metrics line; return loss and accuracy."""
-    test_loss, test_accuracy = evaluate(run.net, run.data.test_loader, run.device, run.amp)
+    """Evaluate the global model (the ranks' mean, put back afterwards: evaluating does not
+    change training) on the test set and write an ``eval`` metrics line; return loss and
+    accuracy."""
+    with run.opt.global_model():
+        test_loss, test_accuracy = evaluate(run.net, run.data.test_loader, run.device, run.amp)
     bytes_communicated, comm_seconds = run.communicated()
     run.metrics.write(
         kind="eval",
