@@ -130,7 +130,7 @@ def test_loss_comparable_to_ddp_with_fewer_bytes(trained: dict[str, Any]) -> Non
     assert trained["local_bytes"] * 3 < trained["ddp_bytes"]
 
 
-def test_validation_sees_the_global_model_and_changes_nothing(trained: dict[str, Any]) -> None:
+def test_validating_on_the_global_model_changes_nothing(trained: dict[str, Any]) -> None:
     assert trained["validations"] >= EPOCHS * 3  # every 5 batches, each epoch
     # The run without validation ends bitwise equal. (Whether every validation batch saw
     # identical ranks, trained["val_spread"] == 0, held here but not in one CI run: open.)
