@@ -39,6 +39,7 @@ __all__ = [
     "exchange_descriptions",
     "pipeline",
     "start_all_reduce",
+    "start_collective",
     "wait",
 ]
 
@@ -60,9 +61,26 @@ def start_all_reduce(
     Raises:
         RoundError: the collective could not start (a rank has exited).
     """
-    stats.bytes_communicated += tensor.numel() * tensor.element_size()
+    return start_collective(
+        lambda: dist.all_reduce(tensor, op=op, group=group, async_op=True),
+        stats,
+        step,
+        tensor.numel() * tensor.element_size(),
+    )
+
+
+def start_collective(
+    start: Callable[[], dist.Work | None], stats: CommStats, step: int, nbytes: int
+) -> dist.Work:
+    """Start a round's collective with ``start()`` (``async_op=True``); counts ``nbytes``, what
+    this rank contributes, in ``stats``.
+
+    Raises:
+        RoundError: the collective could not start (a rank has exited).
+    """
+    stats.bytes_communicated += nbytes
     try:
-        work = dist.all_reduce(tensor, op=op, group=group, async_op=True)
+        work = start()
     except Exception as failure:
         raise RoundError(
             f"the averaging round at step {step} could not start its collective "
