@@ -11,7 +11,10 @@ such collective is on the wire at a time while the next bucket is packed and the
 With a 16-bit ``comm_dtype``, ranks exchange the *delta* since the last round (the tensor minus a
 full-precision copy of the last averaged values, the *anchor*) in 16 bits and add the averaged
 delta to that copy, so the rounding error scales with how far the tensors moved, not with their
-magnitude. Overlapped rounds (``overlap=True``) live in :mod:`~local_sgd_optim.comm.overlap`.
+magnitude. With ``comm_dtype="int8"`` or ``"int4"`` the delta travels as 8- or 4-bit codes with a
+float32 scale per block of 128 values, through an all-gather or a reduce-scatter built of
+``all_to_all`` and ``all_gather`` (:mod:`~local_sgd_optim.comm.quantize`). Overlapped rounds
+(``overlap=True``) live in :mod:`~local_sgd_optim.comm.overlap`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import Tensor
 from local_sgd_optim.checks import check_on_nonfinite
 from local_sgd_optim.comm.buckets import (
     Bucket,
+    WireFormat,
     contiguous_span,
     cut_into_buckets,
     group_by_device_and_dtype,
@@ -45,6 +49,13 @@ from local_sgd_optim.comm.groups import group_rank, group_size
 from local_sgd_optim.comm.header import NONFINITE, TOO_LARGE, RoundHeader
 from local_sgd_optim.comm.overlap import InFlightRound, Piece
 from local_sgd_optim.comm.packing import delta_fits_float16, pack, unpack
+from local_sgd_optim.comm.quantize import (
+    FORMATS,
+    choose_reduction,
+    reduce_share,
+    start_all_gather,
+    start_all_to_all,
+)
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.comm.tensors import (
     copy_all,
@@ -67,9 +78,16 @@ class BucketedAverager:
     - 16-bit ``comm_dtype``: one full-precision copy of the averaged tensors (the values of the
       last round, which deltas are taken against), two 16-bit wire buffers of at most ``C / 2``
       and one full-precision staging buffer of at most ``C`` per device;
+    - ``"int8"``/``"int4"``: the full-precision copy and the staging buffer as for 16 bits (the
+      staging buffer is float32, whole blocks), and two pool slots per device, each the payload
+      ``P`` of a bucket (``C / 3.9`` for int8, ``C / 7.5`` for int4) plus what the reduction
+      receives: ``W * P`` for the all-gather (``W`` ranks), ``P + P / W`` for the
+      reduce-scatter; with int4, an int8 buffer of ``C / 4`` for unpacked codes;
     - ``overlap``: a round stays in flight while training goes on, so every bucket has its own
       wire buffer and a copy of what this rank sent: two copies of the averaged tensors in the
-      wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``).
+      wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``); quantized, each
+      bucket keeps its payload and the all-gather's ``W`` payloads, ``(W + 1)`` quantized
+      copies in all.
 
     A non-contiguous tensor larger than ``C`` is the one thing that makes a bucket larger.
 
@@ -77,8 +95,10 @@ class BucketedAverager:
         tensors (Sequence[Tensor]): floating-point (or complex) tensors to average in place.
         process_group (ProcessGroup, optional): the ranks to average over (default: the world).
         bucket_cap_mb (float): bucket size in MiB of wire bytes (default: 25).
-        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
-            16-bit deltas; ``None`` sends the tensors in their own dtype (default: ``None``).
+        comm_dtype (torch.dtype or str, optional): ``torch.bfloat16`` or ``torch.float16`` to
+            send 16-bit deltas, ``"int8"`` or ``"int4"`` to send quantized deltas
+            (:mod:`~local_sgd_optim.comm.quantize`); ``None`` sends the tensors in their own
+            dtype (default: ``None``).
         overlap (bool): rounds are started with :meth:`start` and completed with
             :meth:`finish`, with training in between (default: ``False``).
         stats (CommStats, optional): where to add up the cost of rounds (default: a new one).
@@ -91,6 +111,10 @@ class BucketedAverager:
         also (str): a description of anything else the round's caller sends after it (the
             buffers copied from the first rank), folded into the plan that every rank's
             header compares (default: ``""``).
+        quantized_reduction (str): how quantized deltas are averaged: ``"all_gather"``,
+            ``"reduce_scatter"`` (not with ``overlap``), or ``"auto"``: the all-gather below 4
+            ranks and with ``overlap``, the reduce-scatter from 4 ranks on (default:
+            ``"auto"``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
     ``6 * world_size`` int64 numbers that checks, before any payload moves, that every rank is
@@ -115,18 +139,28 @@ class BucketedAverager:
         process_group: dist.ProcessGroup | None,
         *,
         bucket_cap_mb: float = 25.0,
-        comm_dtype: torch.dtype | None = None,
+        comm_dtype: torch.dtype | str | None = None,
         overlap: bool = False,
         stats: CommStats | None = None,
         on_nonfinite: str = "raise",
         cpu_offload: bool = False,
         also: str = "",
+        quantized_reduction: str = "auto",
     ) -> None:
         self.process_group = process_group
         self.cpu_offload = cpu_offload
         self.world_size = group_size(process_group)
         self.comm_dtype = comm_dtype
         self.overlap = overlap
+        wire: WireFormat = None if isinstance(comm_dtype, str) else comm_dtype
+        if isinstance(comm_dtype, str):
+            if comm_dtype not in FORMATS:
+                raise ValueError(
+                    f"comm_dtype must be a torch dtype or one of {sorted(FORMATS)}, got "
+                    f"{comm_dtype!r}"
+                )
+            wire = FORMATS[comm_dtype]
+        self.reduction = choose_reduction(quantized_reduction, self.world_size, overlap)
         self.stats = CommStats() if stats is None else stats
         groups = group_by_device_and_dtype(tensors)
         device = groups[0][0][1].device if groups else None
@@ -139,19 +173,27 @@ class BucketedAverager:
             self.stats,
         )
         self._group_numels = [sum(t.numel() for _, t in g) for g in groups]
-        self.buckets = cut_into_buckets(groups, max(1, int(bucket_cap_mb * MB)), comm_dtype)
+        self.buckets = cut_into_buckets(groups, max(1, int(bucket_cap_mb * MB)), wire)
+        if self.reduction == "reduce_scatter":
+            for b in self.buckets:
+                b.shares = self.world_size if b.quant is not None else 1
         self.numel = sum(b.numel for b in self.buckets)
         self.nbytes = sum(b.wire_bytes for b in self.buckets)
         self._anchors: list[Tensor | None] = [None] * len(groups)
         self._fingerprint: int | None = None  # this rank's, at its last round
         # What this averager averages, comparable across ranks: shapes and dtypes in order.
-        described = (repr([(tuple(t.shape), str(t.dtype)) for t in tensors]) + also).encode()
+        described = repr([(tuple(t.shape), str(t.dtype)) for t in tensors]) + also
+        if isinstance(comm_dtype, str):  # ranks that disagree would meet in other collectives
+            described += f" {comm_dtype} by {self.reduction}"
         self.plan = (
-            int.from_bytes(hashlib.blake2b(described, digest_size=8).digest(), "little") >> 2
+            int.from_bytes(hashlib.blake2b(described.encode(), digest_size=8).digest(), "little")
+            >> 2
         )
         self._skipped = 0  # rounds in a row skipped for non-finite values
         self._allocate()
-        self._in_flight = InFlightRound(self.buckets, self.world_size, process_group, self.stats)
+        self._in_flight = InFlightRound(
+            self.buckets, self.world_size, process_group, self.stats, self.header.rank
+        )
 
     @property
     def on_nonfinite(self) -> str:
@@ -160,12 +202,38 @@ class BucketedAverager:
 
     # --- memory ---------------------------------------------------------------------------
 
+    def _slot_bytes(self, b: Bucket) -> int:
+        """Bytes of a bucket's wire buffer: its payload, and for quantized deltas what the
+        reduction receives (every rank's payload, or this rank's share from each rank and its
+        mean)."""
+        payload = b.wire_bytes
+        if b.quant is None:
+            return payload
+        if b.shares == 1:
+            return payload * (1 + self.world_size)
+        return payload * 2 + payload // b.shares
+
+    def _bind(self, b: Bucket, buffer: Tensor) -> None:
+        """Point ``b``'s wire (and the buffers of its reduction) into the uint8 ``buffer``."""
+        payload = b.wire_bytes
+        if b.quant is None:
+            b.set_wire(buffer[:payload].view(b.wire_dtype))
+            return
+        b.set_wire(buffer[:payload])
+        if b.shares == 1:
+            b.received = buffer[payload : payload * (1 + self.world_size)]
+        else:
+            b.received = buffer[payload : 2 * payload]
+            b.share = buffer[2 * payload : 2 * payload + payload // b.shares]
+
     def _allocate(self) -> None:
         if self.overlap:
             for b in self.buckets:
-                b.set_wire(torch.empty(b.numel, dtype=b.wire_dtype, device=b.device))
-                b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=b.device)
-                b.sent_views = shaped_views(b.sent, b.sources)
+                buffer = torch.empty(self._slot_bytes(b), dtype=torch.uint8, device=b.device)
+                self._bind(b, buffer)
+                if b.quant is None:  # quantized: what this rank sent is its slot of received
+                    b.sent = torch.empty(b.numel, dtype=b.wire_dtype, device=b.device)
+                    b.sent_views = shaped_views(b.sent, b.sources)
         else:
             for b in self.buckets:
                 b.span = contiguous_span(b.sources)
@@ -177,14 +245,14 @@ class BucketedAverager:
             pooled = [b for b in self.buckets if not b.in_place]
             sizes: dict[torch.device, int] = {}
             for b in pooled:
-                sizes[b.device] = max(sizes.get(b.device, 0), b.wire_bytes)
+                sizes[b.device] = max(sizes.get(b.device, 0), self._slot_bytes(b))
             pools: dict[tuple[torch.device, int], Tensor] = {}
             for b, (slot, _) in zip(pooled, pool_plan(pooled, POOL_SLOTS)):
                 if (b.device, slot) not in pools:
                     pools[b.device, slot] = torch.empty(
                         sizes[b.device], dtype=torch.uint8, device=b.device
                     )
-                b.set_wire(pools[b.device, slot][: b.wire_bytes].view(b.wire_dtype))
+                self._bind(b, pools[b.device, slot])
         # What the header reads for NaN: a bucket's span in one piece where it has one.
         self._checked = [
             t for b in self.buckets for t in ([b.span] if b.span is not None else b.sources)
@@ -193,21 +261,32 @@ class BucketedAverager:
 
     def _allocate_staging(self) -> None:
         # One full-precision staging buffer per device for the delta buckets, also the wire of
-        # the full-precision round that sets the anchor.
+        # the full-precision round that sets the anchor. Quantized buckets form their deltas
+        # in it as float32 whole blocks (never while it is that wire).
         for device in {b.device for b in self.buckets if b.delta}:
             deltas = [b for b in self.buckets if b.delta and b.device == device]
-            size = max(b.numel * b.dtype.itemsize for b in deltas)
+            work = {b: b.quant.padded(b.numel, b.shares) for b in deltas if b.quant is not None}
+            size = max(max(b.numel * b.dtype.itemsize, work.get(b, 0) * 4) for b in deltas)
             scratch = torch.empty(size, dtype=torch.uint8, device=device)
+            four = [n for b, n in work.items() if b.quant is not None and b.quant.bits == 4]
+            codes = torch.empty(max(four), dtype=torch.int8, device=device) if four else None
             for b in deltas:
                 b.scratch = scratch[: b.numel * b.dtype.itemsize].view(b.dtype)
                 b.scratch_views = shaped_views(b.scratch, b.sources)
+                if b in work:
+                    b.work = scratch[: work[b] * 4].view(torch.float32)
+                    b.work_views = shaped_views(b.work, b.sources)
+                    b.codes = codes
 
     @property
     def workspace_bytes(self) -> int:
         """Bytes this averager allocated for itself (buffers, copies), not counting the tensors."""
         seen: dict[int, int] = {}
-        own = [(None if b.in_place else b.wire, b.scratch, b.sent) for b in self.buckets]
-        buffers = [t for triple in own for t in triple if t is not None]
+        own = [
+            (None if b.in_place else b.wire, b.scratch, b.sent, b.received, b.codes)
+            for b in self.buckets
+        ]
+        buffers = [t for kept in own for t in kept if t is not None]
         for t in buffers + [a for a in self._anchors if a is not None]:
             storage = t.untyped_storage()
             seen[storage.data_ptr()] = storage.nbytes()
@@ -383,19 +462,26 @@ class BucketedAverager:
                 applied = self._exchange_header(step, kind, check_diverged)
                 if applied and any(b.delta for b in self.buckets) and not self.anchored:
                     self._full_precision_round(step)
+                elif applied and self.reduction == "reduce_scatter":
+                    self._pipelined_round(step, [b for b in self.buckets if b.quant is None])
+                    self._reduce_scatter_round(step, [b for b in self.buckets if b.quant])
                 elif applied:
-                    self._pipelined_round(step)
+                    self._pipelined_round(step, self.buckets)
         finally:
             self.stats.round_seconds += time.perf_counter() - began
         self.stats.rounds += int(applied)
         return applied
 
     def _start(self, b: Bucket, step: int) -> dist.Work:
+        if b.quant is not None:  # the all-gather: one collective
+            assert b.received is not None
+            group = self.process_group
+            return start_all_gather(b.received, b.wire, group, self.stats, step, b.wire_bytes)
         op = dist.ReduceOp.AVG if b.backend_averages else dist.ReduceOp.SUM
         return start_all_reduce(b.wire, self.process_group, self.stats, step, op)
 
-    def _pipelined_round(self, step: int) -> None:
-        buckets, world = self.buckets, self.world_size
+    def _pipelined_round(self, step: int, buckets: list[Bucket]) -> None:
+        world = self.world_size
         in_flight: list[dist.Work] = []  # started and not yet waited for, oldest first
         try:
             if all(b.in_place for b in buckets):
@@ -427,6 +513,43 @@ class BucketedAverager:
         except BaseException:
             # Every rank started these: wait for them (whatever becomes of them) before the
             # error goes up, so that no collective is left half done.
+            for work in in_flight:
+                with contextlib.suppress(Exception):
+                    work.wait()
+            raise
+
+    def _reduce_scatter_round(self, step: int, buckets: list[Bucket]) -> None:
+        """Quantized buckets through the reduce-scatter: ``all_to_all`` of the shares, each
+        rank's share averaged and requantized, ``all_gather`` of the shares. One collective on
+        the wire at a time: the next bucket is packed while this one's shares are gathered, and
+        this one is unpacked while the next one's shares are exchanged."""
+        group, world, stats = self.process_group, self.world_size, self.stats
+        in_flight: list[dist.Work] = []
+
+        def exchange(b: Bucket) -> None:
+            assert b.received is not None
+            work = start_all_to_all(b.received, b.wire, group, stats, step, b.wire_bytes)
+            in_flight.append(work)
+
+        try:
+            if buckets:
+                pack(buckets[0], buckets[0].wire, [], world)
+                exchange(buckets[0])
+            for i, b in enumerate(buckets):
+                assert b.quant is not None and b.received is not None and b.share is not None
+                assert b.work is not None
+                wait(in_flight.pop(0), stats, step)
+                reduce_share(b.quant, b.received, world, b.share, b.work, b.codes)
+                # The mean shares land in the payload, which the exchange no longer needs.
+                in_flight.append(start_all_gather(b.wire, b.share, group, stats, step, 0))
+                following = buckets[i + 1] if i + 1 < len(buckets) else None
+                if following is not None:
+                    pack(following, following.wire, [], world)
+                wait(in_flight.pop(0), stats, step)
+                if following is not None:
+                    exchange(following)
+                unpack(b, world)
+        except BaseException:
             for work in in_flight:
                 with contextlib.suppress(Exception):
                     work.wait()

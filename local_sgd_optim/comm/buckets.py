@@ -10,20 +10,28 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
 
 from local_sgd_optim.comm.tensors import as_real, shaped_views
 
+if TYPE_CHECKING:
+    from local_sgd_optim.comm.quantize import QuantFormat
+
 __all__ = [
     "Bucket",
+    "WireFormat",
     "contiguous_span",
     "cut_into_buckets",
     "group_by_device_and_dtype",
     "pool_plan",
     "wire_dtype",
 ]
+
+# What deltas travel as: a 16-bit dtype, an 8- or 4-bit format, or None (no deltas).
+WireFormat = Union[torch.dtype, "QuantFormat", None]
 
 
 @dataclass(eq=False)
@@ -33,13 +41,15 @@ class Bucket:
     Args:
         device (torch.device): where the pieces live.
         dtype (torch.dtype): their (real) dtype.
-        wire_dtype (torch.dtype): what travels: ``dtype``, or a 16-bit type for deltas.
+        wire_dtype (torch.dtype): what travels: ``dtype``, a 16-bit type for deltas, or
+            ``torch.uint8`` for quantized deltas.
         sources (list of Tensor): 1-D slices of contiguous tensors, or whole non-contiguous ones.
         origins (list of (int, int)): for each source, the input tensor's index and the
             source's offset in that tensor's flattened real view.
         numel (int): elements in all sources.
         group (int): index of its (device, dtype) group.
         group_offset (int): where the bucket starts in its group's flat layout.
+        quant (QuantFormat, optional): the 8- or 4-bit format of quantized deltas.
 
     Example::
 
@@ -56,6 +66,7 @@ class Bucket:
     numel: int
     group: int
     group_offset: int
+    quant: QuantFormat | None = None
     wire: Tensor = field(init=False)  # what is all-reduced (the payload)
     payload_views: list[Tensor] = field(init=False)
     scratch: Tensor | None = field(default=None, init=False)  # full precision staging
@@ -69,10 +80,19 @@ class Bucket:
     span: Tensor | None = field(default=None, init=False)
     # The backend computes the mean itself (NCCL's ReduceOp.AVG): no division pass after it.
     backend_averages: bool = field(default=False, init=False)
+    # Quantized deltas (see comm.quantize). The payload is the records of whole blocks, cut
+    # into `shares` equal runs for the reduce-scatter (1: the all-gather).
+    shares: int = field(default=1, init=False)
+    received: Tensor | None = field(default=None, init=False)  # what the collective brings
+    share: Tensor | None = field(default=None, init=False)  # reduce-scatter: this rank's mean
+    work: Tensor | None = field(default=None, init=False)  # float32, whole blocks
+    work_views: list[Tensor] = field(default_factory=list, init=False)
+    codes: Tensor | None = field(default=None, init=False)  # int4: codes unpacked
 
     @property
     def delta(self) -> bool:
-        """Whether the bucket travels as 16-bit deltas against a full-precision anchor."""
+        """Whether the bucket travels as deltas (16-bit or quantized) against a
+        full-precision anchor."""
         return self.wire_dtype != self.dtype
 
     @property
@@ -88,7 +108,9 @@ class Bucket:
 
     @property
     def wire_bytes(self) -> int:
-        """Bytes on the wire."""
+        """Bytes this rank sends: the values, or quantized codes and scales of whole blocks."""
+        if self.quant is not None:
+            return self.quant.payload_bytes(self.numel, self.shares)
         return self.numel * self.wire_dtype.itemsize
 
     @property
@@ -99,7 +121,8 @@ class Bucket:
     def set_wire(self, wire: Tensor) -> None:
         """Use ``wire`` for this bucket's collective."""
         self.wire = wire
-        self.payload_views = shaped_views(wire, self.sources)
+        # Quantized records are not shaped like the tensors.
+        self.payload_views = [] if self.quant is not None else shaped_views(wire, self.sources)
 
 
 def contiguous_span(pieces: Sequence[Tensor]) -> Tensor | None:
@@ -132,12 +155,15 @@ def group_by_device_and_dtype(tensors: Iterable[Tensor]) -> list[list[tuple[int,
     return [group for _, group in ordered]
 
 
-def wire_dtype(dtype: torch.dtype, comm_dtype: torch.dtype | None) -> torch.dtype:
+def wire_dtype(dtype: torch.dtype, comm_dtype: WireFormat) -> torch.dtype:
     """What a tensor of ``dtype`` travels as: only tensors wider than ``comm_dtype`` gain from
-    deltas; 16-bit tensors travel as they are."""
-    if comm_dtype is not None and dtype.is_floating_point and dtype.itemsize > comm_dtype.itemsize:
-        return comm_dtype
-    return dtype
+    deltas, so 16-bit tensors travel as they are with a 16-bit ``comm_dtype``; with a
+    quantized format every floating-point tensor wider than a byte travels as bytes."""
+    if comm_dtype is None or not dtype.is_floating_point:
+        return dtype
+    if isinstance(comm_dtype, torch.dtype):
+        return comm_dtype if dtype.itemsize > comm_dtype.itemsize else dtype
+    return torch.uint8 if dtype.itemsize > 1 else dtype
 
 
 def _runs(
@@ -169,7 +195,7 @@ def _runs(
 
 
 def cut_into_buckets(
-    groups: list[list[tuple[int, Tensor]]], cap_bytes: int, comm_dtype: torch.dtype | None
+    groups: list[list[tuple[int, Tensor]]], cap_bytes: int, comm_dtype: WireFormat
 ) -> list[Bucket]:
     """Cut each group into buckets of equal size, at most ``cap_bytes`` of full precision."""
     buckets: list[Bucket] = []
@@ -187,7 +213,10 @@ def cut_into_buckets(
                 sources = [t for t, _ in run]
                 origins = [o for _, o in run]
                 wire = wire_dtype(dtype, comm_dtype)
-                buckets.append(Bucket(device, dtype, wire, sources, origins, numel, g, offset))
+                quant = None if isinstance(comm_dtype, torch.dtype) or wire == dtype else comm_dtype
+                buckets.append(
+                    Bucket(device, dtype, wire, sources, origins, numel, g, offset, quant)
+                )
                 offset += numel
     return buckets
 

@@ -1,7 +1,8 @@
 """A round in flight: started at a boundary, applied some optimizer steps later.
 
 Each bucket has its own wire buffer and a copy of what this rank sent (see
-:class:`~local_sgd_optim.comm.averager.BucketedAverager`). When the round lands, each tensor
+:class:`~local_sgd_optim.comm.averager.BucketedAverager`); a quantized bucket is all-gathered,
+and what it sent is its own slot of what it received. When the round lands, each tensor
 becomes the mean of the ranks' snapshots plus this rank's own change since its snapshot.
 """
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from local_sgd_optim.comm.buckets import Bucket
 from local_sgd_optim.comm.collectives import start_all_reduce, wait
 from local_sgd_optim.comm.packing import apply_overlapped, pack
+from local_sgd_optim.comm.quantize import start_all_gather
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.comm.tensors import as_real
 
@@ -62,10 +64,11 @@ class InFlightRound:
         world_size (int): ranks in the group.
         process_group (ProcessGroup, optional): the ranks to average over.
         stats (CommStats): where to add up the cost.
+        rank (int): this rank's index in the group (default: 0).
 
     Example::
 
-        >>> round = InFlightRound(averager.buckets, 2, None, stats)
+        >>> round = InFlightRound(averager.buckets, 2, None, stats, dist.get_rank())
         >>> round.start(step=8)
         >>> ...  # optimizer steps
         >>> round.finish()
@@ -77,9 +80,11 @@ class InFlightRound:
         world_size: int,
         process_group: dist.ProcessGroup | None,
         stats: CommStats,
+        rank: int = 0,
     ) -> None:
         self.buckets = list(buckets)
         self.world_size = world_size
+        self.rank = rank
         self.process_group = process_group
         self.stats = stats
         self._works: list[dist.Work] | None = None
@@ -96,6 +101,12 @@ class InFlightRound:
         was exchanged and judged before)."""
         works = []
         for b in self.buckets:
+            if b.quant is not None:
+                assert b.received is not None
+                pack(b, b.wire, [], self.world_size)
+                group, counted = self.process_group, b.wire_bytes
+                works.append(start_all_gather(b.received, b.wire, group, self.stats, step, counted))
+                continue
             assert b.sent is not None
             pack(b, b.sent, b.sent_views, self.world_size)
             b.payload.copy_(b.sent)
@@ -109,7 +120,7 @@ class InFlightRound:
         for work in works:  # empty when state() already waited
             wait(work, self.stats, self._step)
         for b in self.buckets:
-            apply_overlapped(b, self.world_size)
+            apply_overlapped(b, self.world_size, self.rank)
         self._payload_scaled = False
 
     def snapshot_pieces(self) -> list[Piece]:
@@ -136,9 +147,19 @@ class InFlightRound:
         self._works = []  # complete, waiting to be applied
         return {
             "step": self._step,
-            "received": [b.wire.clone() for b in self.buckets],
-            "sent": [b.sent.clone() for b in self.buckets if b.sent is not None],
+            "received": [self._received(b).clone() for b in self.buckets],
+            "sent": [self._sent(b).clone() for b in self.buckets],
         }
+
+    @staticmethod
+    def _received(b: Bucket) -> Tensor:
+        """What the collective brought: the sum, or every rank's quantized payload."""
+        return b.wire if b.received is None else b.received
+
+    @staticmethod
+    def _sent(b: Bucket) -> Tensor:
+        """What this rank sent: its copy, or its quantized payload."""
+        return b.wire if b.sent is None else b.sent
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         """Restore a round saved by :meth:`state`; :meth:`finish` then applies it."""
@@ -146,7 +167,7 @@ class InFlightRound:
             self._works = None
             return
         received, sent = list(state["received"]), state["sent"]
-        if received and self.buckets:
+        if received and self.buckets and self.buckets[0].quant is None:
             received[0] = self._without_old_header(received[0])
             if received[0] is None:  # the old header's verdict: a rank was not finite
                 self._works = None
@@ -155,7 +176,10 @@ class InFlightRound:
             len(received) != len(self.buckets)
             or len(sent) != len(self.buckets)
             or any(
-                r.numel() != b.numel or s.numel() != b.numel or r.dtype != b.wire_dtype
+                r.numel() != self._received(b).numel()
+                or s.numel() != self._sent(b).numel()
+                or r.dtype != b.wire_dtype
+                or s.dtype != b.wire_dtype
                 for r, s, b in zip(received, sent, self.buckets)
             )
         ):
@@ -165,9 +189,8 @@ class InFlightRound:
             )
         with torch.no_grad():
             for b, r, s in zip(self.buckets, received, sent):
-                assert b.sent is not None
-                b.wire.copy_(r)
-                b.sent.copy_(s)
+                self._sent(b).copy_(s)
+                self._received(b).copy_(r)
         self._works = []
         self._step = int(state["step"])
 

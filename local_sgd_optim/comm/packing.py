@@ -1,8 +1,10 @@
-"""Moving a bucket's values to and from its wire buffer, in full precision or as 16-bit deltas.
+"""Moving a bucket's values to and from its wire buffer, in full precision, as 16-bit deltas or
+as quantized (8- or 4-bit) deltas.
 
 Arithmetic between a 16-bit and a 32-bit tensor takes a slow path on CPU (several times slower
 than a copy), so deltas are formed and applied in full precision in the staging buffer and only
-cast on the way to and from the wire.
+cast on the way to and from the wire. Quantized deltas are formed in a float32 buffer of whole
+blocks (:mod:`~local_sgd_optim.comm.quantize`), where the mean of what the ranks sent lands too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import Tensor
 
 from local_sgd_optim.comm.buckets import Bucket
+from local_sgd_optim.comm.quantize import gathered_mean
 from local_sgd_optim.comm.tensors import copy_all, divide_
 
 __all__ = ["apply_overlapped", "delta_fits_float16", "pack", "unpack"]
@@ -18,9 +21,12 @@ __all__ = ["apply_overlapped", "delta_fits_float16", "pack", "unpack"]
 
 def pack(b: Bucket, payload: Tensor, payload_views: list[Tensor], world_size: int) -> None:
     """Write what ``b`` sends into ``payload``: its values, or their delta from the anchor
-    (divided by ``world_size`` already for a :attr:`~Bucket.prescaled` bucket). An
-    :attr:`~Bucket.in_place` bucket's payload is its tensors' memory: nothing is copied."""
-    if b.delta:
+    (divided by ``world_size`` already for a :attr:`~Bucket.prescaled` bucket; quantized for a
+    bucket with a :attr:`~Bucket.quant` format). An :attr:`~Bucket.in_place` bucket's payload
+    is its tensors' memory: nothing is copied."""
+    if b.quant is not None:
+        _pack_quantized(b, payload)
+    elif b.delta:
         assert b.scratch is not None and b.anchor is not None
         if b.span is not None:
             torch.sub(b.span, b.anchor, out=b.scratch)  # one pass: read both, write once
@@ -37,14 +43,47 @@ def pack(b: Bucket, payload: Tensor, payload_views: list[Tensor], world_size: in
             divide_(payload, world_size)
 
 
+def _pack_quantized(b: Bucket, payload: Tensor) -> None:
+    """The delta of ``b`` from its anchor, in float32 whole blocks, quantized into ``payload``."""
+    assert b.quant is not None and b.work is not None and b.anchor is not None
+    delta = b.work[: b.numel]
+    if b.span is not None:
+        torch.sub(b.span, b.anchor, out=delta)
+    else:
+        copy_all(b.work_views, b.sources)
+        delta.sub_(b.anchor)
+    b.work[b.numel :].zero_()  # the last block's padding (another bucket used the buffer)
+    b.quant.quantize_(b.work, payload, b.codes)
+
+
+def _quantized_mean(b: Bucket, world_size: int) -> Tensor:
+    """The mean delta of a quantized bucket whose collectives have landed, in ``b.work``: the
+    all-gather brought every rank's payload; the reduce-scatter's mean shares are in the wire."""
+    assert b.quant is not None and b.work is not None
+    if b.shares == 1:
+        assert b.received is not None
+        gathered_mean(b.quant, b.received, world_size, b.work, b.codes)
+    else:
+        b.quant.dequantize(b.wire, b.work, b.codes)
+    return b.work[: b.numel]
+
+
 def _scale(b: Bucket, world_size: int) -> float:
     """What the summed payload is multiplied by to give the mean."""
     return 1.0 if b.prescaled else 1.0 / world_size
 
 
 def unpack(b: Bucket, world_size: int) -> None:
-    """Set ``b``'s sources to the mean of what every rank sent (the sum in ``b.payload``)."""
-    if b.delta:
+    """Set ``b``'s sources to the mean of what every rank sent (the sum in ``b.payload``; for
+    quantized deltas, what the reduction brought)."""
+    if b.quant is not None:
+        assert b.anchor is not None
+        b.anchor.add_(_quantized_mean(b, world_size))
+        if b.span is not None:
+            b.span.copy_(b.anchor)
+        else:
+            copy_all(b.sources, b.anchor_views)
+    elif b.delta:
         assert b.scratch is not None and b.anchor is not None
         b.scratch.copy_(b.payload)
         b.anchor.add_(b.scratch, alpha=_scale(b, world_size))
@@ -59,9 +98,17 @@ def unpack(b: Bucket, world_size: int) -> None:
             copy_all(b.sources, b.payload_views)
 
 
-def apply_overlapped(b: Bucket, world_size: int) -> None:
+def apply_overlapped(b: Bucket, world_size: int, rank: int) -> None:
     """``source <- source - (what this rank sent) + (mean of what every rank sent)``; for deltas
-    the anchor moves by the mean delta as well."""
+    the anchor moves by the mean delta as well. Quantized deltas count what this rank sent as
+    it arrived (dequantized): its rounding error stays in its own tensors."""
+    if b.quant is not None:
+        assert b.anchor is not None and b.received is not None and b.work is not None
+        b.anchor.add_(_quantized_mean(b, world_size))
+        torch._foreach_add_(b.sources, b.work_views)
+        b.quant.dequantize(b.received.view(world_size, -1)[rank], b.work, b.codes)
+        torch._foreach_sub_(b.sources, b.work_views)
+        return
     assert b.sent is not None
     scale = _scale(b, world_size)
     own = float(world_size) if b.prescaled else 1.0  # what this rank sent, undivided
