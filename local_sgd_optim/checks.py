@@ -12,6 +12,7 @@ import operator
 import torch
 
 __all__ = [
+    "QUANTIZED_COMM_DTYPES",
     "SUPPORTED_COMM_DTYPES",
     "check_average_buffers",
     "check_bool",
@@ -24,6 +25,9 @@ __all__ = [
 ]
 
 SUPPORTED_COMM_DTYPES = (torch.bfloat16, torch.float16)
+# 8- and 4-bit deltas, by name: they are formats (codes and scales), not tensor dtypes.
+QUANTIZED_COMM_DTYPES = ("int8", "int4")
+_COMM_DTYPES = "None (full precision), torch.bfloat16, torch.float16, 'int8' or 'int4'"
 
 
 def _as_int(value: object) -> int | None:
@@ -91,19 +95,20 @@ def check_overlap_steps(value: object, period: object) -> int:
     return steps
 
 
-def check_comm_dtype(comm_dtype: object) -> torch.dtype | None:
-    """``comm_dtype`` if it is ``None``, ``torch.bfloat16`` or ``torch.float16``, else raise."""
+def check_comm_dtype(comm_dtype: object) -> torch.dtype | str | None:
+    """``comm_dtype`` if it is ``None``, ``torch.bfloat16``, ``torch.float16``, ``"int8"`` or
+    ``"int4"``, else raise."""
+    if isinstance(comm_dtype, str):
+        if comm_dtype in QUANTIZED_COMM_DTYPES:
+            return comm_dtype
+        raise ValueError(f"comm_dtype must be {_COMM_DTYPES}, got {comm_dtype!r}")
     if comm_dtype is None or comm_dtype in SUPPORTED_COMM_DTYPES:
         return comm_dtype
     if not isinstance(comm_dtype, torch.dtype):
-        raise TypeError(
-            f"comm_dtype must be None, torch.bfloat16 or torch.float16, got "
-            f"{type(comm_dtype).__name__}"
-        )
-    raise ValueError(
-        f"comm_dtype must be None (full precision), torch.bfloat16 or torch.float16, got "
-        f"{comm_dtype}"
-    )
+        raise TypeError(f"comm_dtype must be {_COMM_DTYPES}, got {type(comm_dtype).__name__}")
+    # torch.int8 is a tensor dtype; the 8-bit deltas' format is named by a string.
+    hint = " (for 8-bit deltas pass the string 'int8')" if comm_dtype == torch.int8 else ""
+    raise ValueError(f"comm_dtype must be {_COMM_DTYPES}, got {comm_dtype}{hint}")
 
 
 def check_on_nonfinite(value: object) -> str:

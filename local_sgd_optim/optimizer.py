@@ -430,7 +430,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         return self._settings.bucket_cap_mb
 
     @property
-    def comm_dtype(self) -> torch.dtype | None:
+    def comm_dtype(self) -> torch.dtype | str | None:
         """The 16-bit type deltas travel in, or ``None`` for full precision."""
         return self._settings.comm_dtype
 

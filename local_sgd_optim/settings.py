@@ -32,10 +32,12 @@ __all__ = ["PeriodSchedule", "Settings"]
 
 PeriodSchedule = Callable[[int], int]
 OuterFactory = Callable[[list[Tensor]], Optimizer]
-_COMM_DTYPE_NAMES: dict[torch.dtype | None, str | None] = {
+_COMM_DTYPE_NAMES: dict[torch.dtype | str | None, str | None] = {
     None: None,
     torch.bfloat16: "bfloat16",
     torch.float16: "float16",
+    "int8": "int8",
+    "int4": "int4",
 }
 _COMM_DTYPES_BY_NAME = {name: dtype for dtype, name in _COMM_DTYPE_NAMES.items()}
 
@@ -130,7 +132,7 @@ def _about(
     }
 
 
-def _decode_comm_dtype(name: object) -> torch.dtype | None:
+def _decode_comm_dtype(name: object) -> torch.dtype | str | None:
     if name not in _COMM_DTYPES_BY_NAME:
         raise ValueError(
             f"comm_dtype must be one of {sorted(map(str, _COMM_DTYPES_BY_NAME))}, got {name!r}"
@@ -177,7 +179,7 @@ class Settings:
     bucket_cap_mb: float = dataclasses.field(
         default=25.0, metadata=_about(check_bucket_cap, required_since=3)
     )
-    comm_dtype: torch.dtype | None = dataclasses.field(
+    comm_dtype: torch.dtype | str | None = dataclasses.field(
         default=None,
         metadata=_about(
             check_comm_dtype,

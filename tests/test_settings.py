@@ -80,7 +80,7 @@ def test_older_states_take_defaults_and_the_newest_must_be_complete() -> None:
     ]
     assert Settings.from_state(state)["comm_dtype"] is None
     with pytest.raises(ValueError, match="setting is invalid: comm_dtype must be one of"):
-        Settings.from_state({**state, "comm_dtype": "int8"})
+        Settings.from_state({**state, "comm_dtype": "int2"})
 
 
 @pytest.mark.parametrize(
