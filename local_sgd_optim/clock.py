@@ -10,6 +10,7 @@ import operator
 from typing import TYPE_CHECKING, Callable
 
 from local_sgd_optim import state_entry
+from local_sgd_optim.fragments import check_fragments, fragment_offsets
 
 if TYPE_CHECKING:
     from local_sgd_optim.settings import Settings
@@ -28,6 +29,8 @@ class Clock:
         overlap_steps (int): steps between a round's start and its landing.
         warmup_steps (int): synchronous steps before the first round.
         local_period (int, optional): steps between subgroup rounds (two-level).
+        fragments (int): fragments of the model averaged at staggered steps of each period
+            (default: 1, the whole model at the period's end).
 
     Example::
 
@@ -46,12 +49,14 @@ class Clock:
         overlap_steps: int,
         warmup_steps: int,
         local_period: int | None = None,
+        fragments: int = 1,
     ) -> None:
         self.period = period
         self.accumulation_steps = accumulation_steps
         self.overlap_steps = overlap_steps
         self.warmup_steps = warmup_steps
         self.local_period = local_period
+        self.fragments = fragments
         self.micro_steps = 0
         self.optimizer_steps = 0
         self.averaging_rounds = 0
@@ -61,6 +66,8 @@ class Clock:
         # changes accumulation_steps), so that windows stay whole.
         self.window_start = 0
         self.next_round_step = 0
+        self.period_start = 0  # the step the current period started at (its fragments' origin)
+        self.last_whole_round_step = 0  # the last round of every fragment at once
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Clock:
@@ -71,12 +78,14 @@ class Clock:
             settings.overlap_steps,
             settings.warmup_steps,
             settings.local_period,
+            settings.fragments,
         )
         clock.schedule_first_round()
         return clock
 
     def schedule_first_round(self) -> None:
         """The first round: a period after warm-up."""
+        self.period_start = self.warmup_steps
         self.next_round_step = self.warmup_steps + self.period_from(self.warmup_steps)
 
     # --- micro-steps and windows ----------------------------------------------------------
@@ -116,19 +125,49 @@ class Clock:
         """Whether this optimizer step is a round's."""
         return self.optimizer_steps >= self.next_round_step
 
+    def fragment_due(self) -> int | None:
+        """The fragment whose round falls on this optimizer step (with ``fragments > 1``: the
+        last one at the period's end, the others at their offsets inside it), or ``None``."""
+        if self.fragments == 1:
+            return None
+        offsets = fragment_offsets(self.next_round_step - self.period_start, self.fragments)
+        into = self.optimizer_steps - self.period_start
+        return offsets.index(into) if into in offsets else None
+
     def local_round_due(self) -> bool:
         """Whether this optimizer step is a subgroup round's (two-level averaging)."""
         if self.local_period is None or self.optimizer_steps <= self.warmup_steps:
             return False
         return (self.optimizer_steps - self.warmup_steps) % self.local_period == 0
 
-    def record_round(self) -> None:
-        """A round ran at this step (applied, skipped or started)."""
+    def record_round(self, whole: bool = True) -> None:
+        """A round ran at this step (applied, skipped or started); ``whole``: of the whole
+        model, not of one fragment."""
         self.averaging_rounds += 1
         self.last_round_step = self.optimizer_steps
+        if whole:
+            self.last_whole_round_step = self.optimizer_steps
+
+    def fragments_behind(self) -> list[int] | None:
+        """With ``fragments > 1``: the fragments not averaged at this very step, which a
+        round of the whole model (``average()``, ``close()``) must average; ``None`` without
+        fragments. A fragment averaged at this step is left out: its outer step is taken."""
+        if self.fragments == 1:
+            return None
+        now = self.optimizer_steps
+        if not self.averaging_rounds or self.last_round_step != now:
+            return list(range(self.fragments))
+        if self.last_whole_round_step == now:
+            return []
+        offsets = fragment_offsets(self.next_round_step - self.period_start, self.fragments)
+        into = now - self.period_start
+        # into == 0: the period's last fragment ended the period that just rolled over.
+        done = self.fragments - 1 if into == 0 else offsets.index(into) if into in offsets else -1
+        return [k for k in range(self.fragments) if k != done]
 
     def schedule_next_round(self) -> None:
         """After a scheduled round: the next one is a period later."""
+        self.period_start = self.optimizer_steps
         self.next_round_step = self.optimizer_steps + self.period_from(self.optimizer_steps)
 
     def period_from(self, step: int) -> int:
@@ -150,6 +189,13 @@ class Clock:
                 f"the period schedule {self.period!r} returned {returned!r} at optimizer step "
                 f"{step}; it must return a positive integer"
             )
+        if self.fragments > 1:
+            try:
+                check_fragments(self.fragments, value, self.overlap_steps)
+            except ValueError as problem:
+                raise ValueError(
+                    f"the period schedule returned {value} at optimizer step {step}: {problem}"
+                ) from None
         if self.overlap_steps >= value:
             raise ValueError(
                 f"the period schedule returned {value} at optimizer step {step}, not more than "
@@ -199,4 +245,5 @@ class Clock:
             base = self.warmup_steps
             if self.averaging_rounds:
                 base = max(self.last_round_step, self.warmup_steps)
+            self.period_start = base
             self.next_round_step = base + self.period_from(base)

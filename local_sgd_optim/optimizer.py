@@ -185,6 +185,15 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         parameters_as_bucket_view (bool): place the averaged tensors in bucket storage so that
             rounds average them in place, saving a copy in and a copy out per round; changes
             what ``state_dict()`` and pickling do (see above) (default: ``False``).
+        fragments (int): streaming: cut the averaged tensors into this many runs of
+            consecutive layers (module order, balanced by size) and average fragment ``i`` at
+            step ``floor(period * (i + 1) / fragments)`` of each period, so that each round
+            sends ``1 / fragments`` of the model and each fragment is still averaged every
+            ``period`` steps (Streaming DiLoCo, https://arxiv.org/abs/2501.18512). With an
+            outer optimizer each fragment steps with its own pseudo-gradient; with
+            ``overlap_steps`` each fragment's round travels behind the steps after it, which
+            must be fewer than the steps between two fragments' rounds. :meth:`average` and
+            :meth:`close` average every fragment (default: 1).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
@@ -241,6 +250,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         local_group: dist.ProcessGroup | str | None = None,
         allow_identical_ranks: bool = False,
         parameters_as_bucket_view: bool = False,
+        fragments: int = 1,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         del arguments["base_optimizer"], arguments["model"], arguments["process_group"]
@@ -435,6 +445,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         return self._settings.comm_dtype
 
     @property
+    def fragments(self) -> int:
+        """The number of fragments averaged at staggered steps of each period."""
+        return self._settings.fragments
+
+    @property
     def overlap_steps(self) -> int:
         """Optimizer steps between the start of a round and its application."""
         return self._settings.overlap_steps
@@ -502,6 +517,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._rounds.follow_loaded(built, self._exchange_header, self._header)
         if not self._clock.count_micro_step():
             return None
+        sent = self._stats.bytes_communicated
         accumulation = self._settings.accumulation_steps
         if grad_scale is not None:
             rescale_gradients(
@@ -526,6 +542,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._ddp_watch = None
         if self._settings.enabled:
             self._run_due_rounds()
+        self._stats.record_step(sent)
         return loss
 
     def _verify_loaded_parameters(self, check: dcp.LoadedParameters) -> None:
@@ -578,11 +595,14 @@ class LocalSGDOptimizer(DelegatingOptimizer):
     def _run_due_rounds(self) -> None:
         """After an optimizer step: land a round in flight, run a round or a subgroup round."""
         clock = self._clock
+        blocking = self._settings.overlap_steps == 0
         if self._rounds.in_flight and clock.landing_due():
             self._rounds.land()
-        if clock.round_due():
-            self._round(blocking=self._settings.overlap_steps == 0)
+        if clock.round_due():  # with fragments: the last one's round, at the period's end
+            self._round(blocking, fragment=clock.fragment_due())
             clock.schedule_next_round()
+        elif (fragment := clock.fragment_due()) is not None:
+            self._round(blocking, fragment=fragment)
         elif clock.local_round_due():
             self._rounds.run_local(clock.optimizer_steps)
             clock.local_rounds += 1
@@ -657,7 +677,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     # --- averaging ------------------------------------------------------------------------
 
-    def _round(self, blocking: bool = True, kind: str = "round") -> None:
+    def _round(
+        self, blocking: bool = True, kind: str = "round", fragment: int | None = None
+    ) -> None:
         clock, settings = self._clock, self._settings
         # Ranks identical after local steps mean Local SGD is not happening; not a symptom
         # during warm-up (synchronous by design) or with subgroup rounds in between.
@@ -667,8 +689,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             and settings.local_period is None
             and clock.last_round_step >= settings.warmup_steps
         )
-        self._rounds.run(clock.optimizer_steps, blocking, clock.averaging_rounds + 1, kind, check)
-        clock.record_round()
+        number = clock.averaging_rounds + 1
+        # The whole model: with fragments, those not averaged at this step.
+        chosen = clock.fragments_behind() if fragment is None else fragment
+        self._rounds.run(clock.optimizer_steps, blocking, number, kind, check, chosen)
+        clock.record_round(whole=fragment is None)
 
     def average(self) -> None:
         """Run a blocking averaging round now, outside the ``period`` schedule.
@@ -767,7 +792,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         if self._loaded_parameters is not None:
             self._verify_loaded_parameters(self._loaded_parameters)
         clock = self._clock
-        due = clock.optimizer_steps > clock.last_round_step or self._rounds.in_flight
+        # With fragments, a period's last round leaves the other fragments apart.
+        apart = bool(clock.fragments_behind())
+        due = clock.optimizer_steps > clock.last_round_step or self._rounds.in_flight or apart
         if self._communicates:
             try:
                 view = self._exchange_header("close()", clock.optimizer_steps, due)

@@ -67,6 +67,9 @@ class OuterOptimizer:
         self.kept: list[Tensor] = []
         self.optimizer: Optimizer | None = None
         self.ready = ready
+        # While not ready: the kept tensors that already took a round's mean as their starting
+        # point (with fragments, each fragment's first round gives its own).
+        self._started: set[int] = set()
         self._plan: list[int] = []
 
     def build(self, sources: Sequence[Tensor]) -> None:
@@ -84,6 +87,7 @@ class OuterOptimizer:
         self.optimizer = outer
         self._plan = [id(t) for t in sources]
         self.ready = self._ready_at_build
+        self._started = set()
 
     def _home_device(self, source: Tensor) -> torch.device:
         """Where the copy of ``source`` lives between rounds."""
@@ -154,32 +158,50 @@ class OuterOptimizer:
         )
         self.build(sources)
         self.ready = False
+        self._started = set()
 
     @torch.no_grad()
-    def _step(self, pairs: list[tuple[Tensor, Tensor, Tensor]]) -> bool:
-        """One outer step from (kept, its gradient, the mean) triples; ``False`` when the mean
-        only became the starting point."""
+    def _step(self, pairs: list[tuple[Tensor, Tensor, Tensor]], indices: set[int]) -> bool:
+        """One outer step from (kept, its gradient, the mean) triples of the kept tensors
+        ``indices``; the others keep their values and state. ``False`` when the mean only
+        became their starting point."""
         assert self.optimizer is not None
         kept = [k for k, _, _ in pairs]
         means = [m for _, _, m in pairs]
-        if not self.ready:
+        if not self.ready and not indices <= self._started:
             copy_all(kept, means)
-            self.ready = True
+            self._started |= indices
+            self.ready = len(self._started) == len(self.kept)
             return False
         grads = [g for _, g, _ in pairs]
         copy_all(grads, kept)  # the pseudo-gradient: where the last round left us minus the mean
         torch._foreach_sub_(grads, means)
-        self.optimizer.step()
+        # A tensor without a gradient is skipped by torch's optimizers, its state untouched:
+        # the other fragments' tensors wait for their own rounds.
+        idle = [k for i, k in enumerate(self.kept) if i not in indices]
+        held = [k.grad for k in idle]
+        for k in idle:
+            k.grad = None
+        try:
+            self.optimizer.step()
+        finally:
+            for k, grad in zip(idle, held):
+                k.grad = grad
         return True
 
     @torch.no_grad()
-    def step_from_mean(self, sources: Sequence[Tensor]) -> None:
-        """After a blocking round: ``sources`` hold the mean; they become the outer result."""
+    def step_from_mean(
+        self, sources: Sequence[Tensor], indices: Sequence[int] | None = None
+    ) -> None:
+        """After a blocking round: ``sources`` hold the mean; they become the outer result.
+        ``indices``: the sources the round averaged (one fragment; ``None``: all)."""
         self._restart_if_changed(sources)
+        chosen = range(len(self.kept)) if indices is None else indices
+        chosen = [i for i in chosen if i < len(self.kept)]
         with self._on_device(sources):
-            pairs = [(k, k.grad, s) for k, s in zip(self.kept, sources)]
-            if self._step(pairs):  # type: ignore[arg-type]
-                copy_all(list(sources), self.kept)
+            pairs = [(self.kept[i], self.kept[i].grad, sources[i]) for i in chosen]
+            if self._step(pairs, set(chosen)):  # type: ignore[arg-type]
+                copy_all([sources[i] for i in chosen], [self.kept[i] for i in chosen])
 
     @torch.no_grad()
     def step_from_snapshot(
@@ -189,29 +211,33 @@ class OuterOptimizer:
         the snapshots; each rank moves by (outer result - mean), keeping its own progress.
 
         Returns:
-            The kept copy by source index, for the averager's 16-bit anchor (empty when the
-            mean only became the starting point).
+            The kept copy of each source the round averaged, by source index, for the
+            averager's 16-bit anchor (empty when the mean only became the starting point).
         """
         self._restart_if_changed(sources)
         with self._on_device(sources):
             mine = [p for p in pieces if p.index < len(self.kept)]
+            indices = {p.index for p in mine}
             kept = [Piece.slice_of(self.kept[p.index], p.offset, p.source) for p in mine]
             grads = [Piece.slice_of(self.kept[p.index].grad, p.offset, p.source) for p in mine]  # type: ignore[arg-type]
-            if not self._step(list(zip(kept, grads, [p.mean for p in mine]))):
+            if not self._step(list(zip(kept, grads, [p.mean for p in mine])), indices):
                 return {}
             targets = [p.source for p in mine]
             torch._foreach_add_(targets, kept)
             torch._foreach_sub_(targets, [p.mean for p in mine])
-        return dict(enumerate(self.kept))
+        return {i: self.kept[i] for i in sorted(indices)}
 
     def state_dict(self) -> dict[str, Any]:
         """The kept copy (cloned), the optimizer's state and readiness, for a checkpoint."""
         assert self.optimizer is not None
-        return {
+        state: dict[str, Any] = {
             "params": [kept.detach().clone() for kept in self.kept],
             "state": self.optimizer.state_dict(),
             "ready": self.ready,
         }
+        if not self.ready and self._started:
+            state["started"] = sorted(self._started)
+        return state
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Raise a ValueError if ``state`` does not fit this kept copy."""
@@ -231,3 +257,4 @@ class OuterOptimizer:
             copy_all(self.kept, list(state["params"]))
         self.optimizer.load_state_dict(state["state"])
         self.ready = bool(state["ready"])
+        self._started = set() if self.ready else set(state.get("started", []))

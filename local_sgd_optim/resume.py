@@ -16,6 +16,7 @@ from local_sgd_optim import state_entry
 from local_sgd_optim.clock import Clock
 from local_sgd_optim.comm.averager import BucketedAverager
 from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.fragments import FragmentedAverager
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 
@@ -23,7 +24,7 @@ __all__ = ["BroadcastRecord", "check_loadable", "fresh_entry", "load_round_state
 
 # Settings that shape the averager's buckets: a round in flight or a 16-bit anchor saved with
 # other values cannot be applied.
-_LAYOUT = frozenset({"bucket_cap_mb", "comm_dtype", "average_buffers"})
+_LAYOUT = frozenset({"bucket_cap_mb", "comm_dtype", "average_buffers", "fragments"})
 
 
 def fresh_entry(settings: Settings, world_size: int) -> dict[str, Any]:
@@ -72,8 +73,8 @@ def check_loadable(
     if entry.pending is not None and (not settings.overlap_steps or _LAYOUT & set(changed)):
         raise ValueError(
             "the checkpoint holds an averaging round in flight (overlap_steps), which can "
-            "only be applied with overlap_steps > 0 and the same bucket_cap_mb, comm_dtype "
-            f"and average_buffers; this LocalSGDOptimizer changes {', '.join(changed)}. "
+            "only be applied with overlap_steps > 0 and the same bucket_cap_mb, comm_dtype, "
+            f"average_buffers and fragments; this LocalSGDOptimizer changes {', '.join(changed)}. "
             "Resume once with the checkpoint's settings, or call opt.average() before "
             "saving so that nothing is in flight"
         )
@@ -97,7 +98,7 @@ def warn_changes(settings: Settings, entry: state_entry.Entry, changed: list[str
 def load_round_state(
     entry: state_entry.Entry,
     changed: list[str],
-    averager: BucketedAverager | None,
+    averager: FragmentedAverager | None,
     local_averager: BucketedAverager | None,
 ) -> None:
     """Restore the anchors for 16-bit deltas and a round in flight from a checked entry."""

@@ -24,8 +24,10 @@ from local_sgd_optim.comm.collectives import broadcast_tensors
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.resident import Residence
 from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.fragments import FragmentedAverager, split_into_fragments
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
+from local_sgd_optim.sharded import local_tensor
 from local_sgd_optim.tracked import (
     Share,
     Tracked,
@@ -43,6 +45,11 @@ from local_sgd_optim.two_level import build_local_group
 __all__ = ["Rounds"]
 
 _LOG = logging.getLogger("local_sgd_optim")
+
+
+def _memory(tensor: Tensor) -> tuple[object, ...]:
+    """What identifies a tensor's memory (a DTensor's local shard is a new object each time)."""
+    return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
 
 
 class Rounds:
@@ -84,7 +91,7 @@ class Rounds:
         self._stats = stats
         self._device = device
         self.communicates = communicates
-        self.averager: BucketedAverager | None = None
+        self.averager: FragmentedAverager | None = None
         self.local_averager: BucketedAverager | None = None
         self._local_group: dist.ProcessGroup | None = None
         self._plan_key: tuple[object, ...] | None = None
@@ -149,9 +156,11 @@ class Rounds:
         # The buffers copied from the first rank join the plan every rank's header compares.
         also = repr([(tuple(b.shape), str(b.dtype)) for b in broadcast_buffers(entries)])
         overlap = settings.overlap_steps > 0
-        self.averager = BucketedAverager(
-            tensors, self._process_group, overlap=overlap, also=also, **common
-        )
+
+        def build(part: list[Tensor], _: int) -> BucketedAverager:
+            return BucketedAverager(part, self._process_group, overlap=overlap, also=also, **common)
+
+        self.averager = FragmentedAverager(tensors, self._fragments(entries, tensors), build)
         if previous is not None:
             # The same layout in other memory (a buffer replaced at each forward): the last
             # round's values still hold, and the next round need not be full precision.
@@ -162,6 +171,20 @@ class Rounds:
             if local_previous is not None:
                 self.local_averager.adopt(local_previous)
         self._plan_key = plan_key(entries)  # after placing: the memory the tensors have now
+
+    def _fragments(self, entries: list[Tracked], tensors: list[Tensor]) -> list[list[int]]:
+        """The indices of ``tensors`` in each fragment: one of all, or runs of layers in the
+        order of ``model.named_modules()``, each tensor with its module."""
+        count = self._settings.fragments
+        if count == 1:
+            return [list(range(len(tensors)))]
+        modules = {name: i for i, (name, _) in enumerate(self._model.named_modules())}
+        where: dict[tuple[object, ...], int] = {}
+        for e in entries:
+            owner = e.name.rpartition(".")[0]
+            where.setdefault(_memory(local_tensor(e.tensor)), modules.get(owner, len(modules)))
+        positions = [where.get(_memory(t), len(modules)) for t in tensors]
+        return split_into_fragments([t.numel() for t in tensors], positions, count)
 
     def release(self) -> None:
         """Give the tensors placed in bucket storage memory of their own again, and leave the
@@ -267,12 +290,19 @@ class Rounds:
         self._broadcast_buffers(entries)
 
     def run(
-        self, step: int, blocking: bool, round_number: int, kind: str, check_diverged: bool
+        self,
+        step: int,
+        blocking: bool,
+        round_number: int,
+        kind: str,
+        check_diverged: bool,
+        fragment: int | list[int] | None = None,
     ) -> None:
         """One round at optimizer ``step``: blocking, or started to land later. ``kind`` says
         what it is (``"round"``, ``"average()"``, ``"close()"``), checked to be the same on
         every rank; ``check_diverged`` raises if the ranks stayed identical through local
-        steps."""
+        steps. ``fragment``: one fragment's round; a list: the round of the whole model that
+        averages those fragments (the others were averaged at this step); ``None``: all."""
         # Whether the round's values are in place now (not started in the background), and
         # whether it was applied at all (a round skipped for NaN must not feed the outer step).
         landed = applied = True
@@ -284,19 +314,24 @@ class Rounds:
             self._refresh_plan(entries)
             assert self.averager is not None
             before = dataclasses.replace(self._stats)
+            whole = not isinstance(fragment, int) or self.averager.count == 1
             if blocking:
-                applied = self.averager.average(step, kind, check_diverged)
-                if applied:
+                applied = self.averager.average(step, kind, check_diverged, fragment)
+                if applied and (whole or fragment == self.averager.count - 1):
+                    # Copied buffers travel once a period, with its last fragment.
                     self._broadcast_buffers(entries)
+                if applied and whole:
                     self.identical_at = step
             else:
-                result = self.averager.start(step, kind, check_diverged)
+                result = self.averager.start(step, kind, check_diverged, fragment)
                 landed, applied = result is not None, bool(result)
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
-            self.outer.step_from_mean(outer_sources(entries))
+            indices = None if self.averager is None else self.averager.indices(fragment)
+            self.outer.step_from_mean(outer_sources(entries), indices)
             if self.averager is not None:
-                self.averager.set_anchor_from_tensors()  # deltas start from the outer result
+                # Deltas start from the outer result.
+                self.averager.set_anchor_from_tensors(fragment)
         if self.local_averager is not None:
             self.local_averager.set_anchor_from_tensors()
 
@@ -325,10 +360,14 @@ class Rounds:
         averager = self.averager
         if averager is None:
             return "nothing is communicated"
-        return (
+        described = (
             f"{averager.numel:,} values ({averager.nbytes / 2**20:.1f} MiB on the wire) "
             f"in {len(averager.buckets)} bucket(s)"
         )
+        if averager.count > 1:
+            largest = max(averager.fragment_nbytes(k) for k in range(averager.count))
+            described += f", {averager.count} fragments of at most {largest / 2**20:.1f} MiB"
+        return described
 
     def state_tensors(self) -> dict[str, Any]:
         """The anchors, a round in flight and the outer state, as copies for a checkpoint."""

@@ -27,6 +27,7 @@ from local_sgd_optim.checks import (
     check_overlap_steps,
     check_positive_int,
 )
+from local_sgd_optim.fragments import check_fragments
 
 __all__ = ["PeriodSchedule", "Settings"]
 
@@ -228,6 +229,11 @@ class Settings:
         default=False,
         metadata=_about(lambda v: check_bool("parameters_as_bucket_view", v), saved=False),
     )
+    # Saved: the fragments' layout decides what the anchors and a round in flight mean.
+    fragments: int = dataclasses.field(
+        default=1,
+        metadata=_about(lambda v: check_positive_int("fragments", v), required_since=None),
+    )
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> Settings:
@@ -264,6 +270,13 @@ class Settings:
                 "overlap_steps cannot be combined with local_period yet; use overlap_steps=0 "
                 "with two-level averaging"
             )
+        if self.fragments > 1:
+            check_fragments(self.fragments, period, self.overlap_steps)
+            if local is not None:
+                raise ValueError(
+                    "fragments cannot be combined with local_period yet; use fragments=1 with "
+                    "two-level averaging"
+                )
 
     def _fields(self, saved_only: bool = False) -> Iterator[dataclasses.Field[Any]]:
         return (f for f in dataclasses.fields(self) if f.metadata["saved"] or not saved_only)
@@ -312,6 +325,8 @@ class Settings:
                 ) from None
         try:
             check_overlap_steps(values["overlap_steps"], values["period"])
+            if values["fragments"] != 1:
+                check_fragments(values["fragments"], values["period"], values["overlap_steps"])  # type: ignore[arg-type]
         except ValueError as problem:
             raise ValueError(
                 f"the state dict's 'local_sgd' setting is invalid: {problem}"

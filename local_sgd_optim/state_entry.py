@@ -48,7 +48,13 @@ OUTER = "outer"
 STATS = "stats"
 # Every version has these; the later ones are derived when an older entry lacks them.
 COUNTERS = ("micro_steps", OPTIMIZER_STEPS, "averaging_rounds", "last_round_step")
-LATER_COUNTERS = ("next_round_step", "local_rounds", "window_start")
+LATER_COUNTERS = (
+    "next_round_step",
+    "local_rounds",
+    "window_start",
+    "period_start",
+    "last_whole_round_step",
+)
 _PENDING_KEYS = {"step", "received", "sent"}
 _LIMIT = 2**62  # counters beyond this are crafted: no run takes that many steps
 
@@ -181,6 +187,25 @@ def _counters(ours: dict[str, Any], period: object, warmup: object) -> dict[str,
     else:
         raise _bad("entry lacks next_round_step")
     counters["next_round_step"] = next_round
+    if "period_start" in ours:
+        counters["period_start"] = _counter("period_start", ours["period_start"])
+        if counters["period_start"] >= next_round:
+            raise _bad(
+                f"entry is inconsistent: period_start {counters['period_start']} is not before "
+                f"next_round_step {next_round}"
+            )
+    else:
+        # An older entry, saved without fragments: where the period that ends at the next
+        # round began, as far as the counters tell.
+        start = next_round - period if isinstance(period, int) else counters["last_round_step"]
+        counters["period_start"] = max(0, start)
+    whole = ours.get("last_whole_round_step", counters["last_round_step"])
+    counters["last_whole_round_step"] = _counter("last_whole_round_step", whole)
+    if counters["last_whole_round_step"] > counters["last_round_step"]:
+        raise _bad(
+            f"entry is inconsistent: last_whole_round_step {counters['last_whole_round_step']} "
+            f"is after last_round_step {counters['last_round_step']}"
+        )
     return counters
 
 
@@ -213,15 +238,17 @@ def _tensor_list(ours: dict[str, Any], key: str) -> list[Tensor]:
 def _pending(pending: object) -> dict[str, Any] | None:
     if pending is not None and not (
         isinstance(pending, dict)
-        and set(pending) == _PENDING_KEYS
+        and set(pending) - {"fragment"} == _PENDING_KEYS
         and isinstance(pending["step"], int)
+        and isinstance(pending.get("fragment", 0), int)
         and all(
             isinstance(pending[k], list) and all(isinstance(t, Tensor) for t in pending[k])
             for k in ("received", "sent")
         )
     ):
         raise _bad(
-            "pending must be None or a dict of 'step' and the 'received' and 'sent' tensor lists"
+            "pending must be None or a dict of 'step' and the 'received' and 'sent' tensor "
+            "lists (and, with fragments, the 'fragment' index)"
         )
     return pending
 

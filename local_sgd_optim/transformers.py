@@ -226,7 +226,9 @@ class LocalSGDTrainerMixin:
             return
         if ours.averaging_rounds != self._local_sgd_rounds_seen:
             self._local_sgd_rounds_seen = ours.averaging_rounds
-            if ours.overlap_steps == 0:  # a blocking round just left every rank identical
+            # A blocking round of the whole model just left every rank identical (a
+            # fragment's round leaves the other fragments apart).
+            if ours.overlap_steps == 0 and ours.fragments == 1:
                 self._local_sgd_synced_at = ours.optimizer_steps
 
     def _local_sgd_sync(self) -> None:

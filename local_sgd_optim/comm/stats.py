@@ -26,6 +26,10 @@ class CommStats:
         step_seconds (float): time between consecutive optimizer steps outside rounds: what
             the training loop itself takes (data, forward, backward, the base step).
         steps_timed (int): the optimizer steps ``step_seconds`` covers.
+        peak_step_bytes (int): the most payload bytes any one ``step()`` call handed to
+            collectives (its round, or its fragment's; gradients in warm-up): the burst the
+            link must carry, against ``bytes_communicated``, the total. Rounds run by
+            ``average()`` and ``close()`` are not steps and do not count.
 
     To choose ``overlap_steps``: run some rounds with ``overlap_steps=0`` and read
     :meth:`steps_to_hide_a_round`, the number of optimizer steps one round takes. A round in
@@ -45,6 +49,7 @@ class CommStats:
     round_seconds: float = 0.0
     step_seconds: float = 0.0
     steps_timed: int = 0
+    peak_step_bytes: int = 0
 
     def as_dict(self) -> dict[str, int | float]:
         """The numbers as a plain dict (for logs, metrics files and checkpoints)."""
@@ -55,7 +60,12 @@ class CommStats:
             "round_seconds": self.round_seconds,
             "step_seconds": self.step_seconds,
             "steps_timed": self.steps_timed,
+            "peak_step_bytes": self.peak_step_bytes,
         }
+
+    def record_step(self, sent_before: int) -> None:
+        """A ``step()`` call ended; ``sent_before`` was ``bytes_communicated`` at its start."""
+        self.peak_step_bytes = max(self.peak_step_bytes, self.bytes_communicated - sent_before)
 
     def steps_to_hide_a_round(self) -> int | None:
         """Optimizer steps one round takes, rounded up: the smallest ``overlap_steps`` that

@@ -1,0 +1,369 @@
+"""Streaming fragments: the averaged tensors in ``F`` runs of layers, each averaged at its own step.
+
+A round of the whole model sends every byte at once, every ``period`` steps: the link idles for
+``period - 1`` steps and is the bottleneck in the last one. Streaming DiLoCo (Douillard et al.,
+https://arxiv.org/abs/2501.18512) cuts the model into fragments and averages fragment ``i`` at
+its own offset inside each period, so each sync moves ``1 / F`` of the bytes and the peak a step
+sends drops by ``F``, while each fragment is still averaged once every ``period`` steps. The
+offsets are torchft's (``floor(period * (i + 1) / F)`` steps after the period starts), so the
+last fragment is averaged at the period's end, where an unfragmented round would be.
+
+:func:`split_into_fragments` cuts by module order (a fragment is a run of consecutive layers,
+its buffers with it), balanced by element count. :class:`FragmentedAverager` holds one
+:class:`~local_sgd_optim.comm.averager.BucketedAverager` per fragment, each with its own
+header, anchors and round in flight, behind the interface of a single averager: a round of the
+whole model (``average()``, ``close()``) averages every fragment; ``fragment=i`` averages one.
+Piece and tensor indices it hands out are those of the full tensor list, so that the outer
+optimizer steps each fragment with that fragment's own pseudo-gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from local_sgd_optim.comm.averager import BucketedAverager
+from local_sgd_optim.comm.buckets import Bucket
+from local_sgd_optim.comm.overlap import Piece
+
+__all__ = [
+    "FragmentedAverager",
+    "check_fragments",
+    "fragment_offsets",
+    "smallest_gap",
+    "split_into_fragments",
+]
+
+
+def fragment_offsets(period: int, count: int) -> list[int]:
+    """The steps after a period's start at which each of ``count`` fragments is averaged.
+
+    Example::
+
+        >>> fragment_offsets(8, 4)
+        [2, 4, 6, 8]
+    """
+    return [period * (i + 1) // count for i in range(count)]
+
+
+def smallest_gap(period: int, count: int) -> int:
+    """The fewest optimizer steps between two consecutive fragment rounds (``0``: two fall on
+    one step, which happens when ``period < count``)."""
+    offsets = [0, *fragment_offsets(period, count)]
+    return min(b - a for a, b in zip(offsets, offsets[1:]))
+
+
+def check_fragments(count: int, period: object, overlap_steps: int) -> None:
+    """Raise unless ``count`` fragments fit a ``period`` (an int; a schedule's periods are
+    checked as they come): each fragment needs a step of its own in the period, and a
+    fragment's round in flight must land before the next fragment's starts.
+
+    Raises:
+        ValueError: ``period < count``, or ``overlap_steps`` not below the smallest gap.
+    """
+    if not isinstance(period, int) or count == 1:
+        return
+    gap = smallest_gap(period, count)
+    if gap == 0:
+        raise ValueError(
+            f"fragments={count} needs a period of at least {count} steps (one step for each "
+            f"fragment's round), got period={period}"
+        )
+    if overlap_steps >= gap:
+        raise ValueError(
+            f"overlap_steps must be smaller than the {gap} step(s) between two fragments' "
+            f"rounds (period={period}, fragments={count}), got overlap_steps={overlap_steps}: "
+            "a fragment's round must land before the next fragment's starts"
+        )
+
+
+def split_into_fragments(
+    numels: Sequence[int], positions: Sequence[int], count: int
+) -> list[list[int]]:
+    """Indices of tensors, cut into ``count`` runs of consecutive positions (module order).
+
+    Args:
+        numels (Sequence[int]): each tensor's element count.
+        positions (Sequence[int]): each tensor's place in module order (ties keep list order).
+        count (int): the number of fragments.
+
+    Returns:
+        For each fragment, the indices of its tensors in module order; each fragment holds
+        whole tensors, and cuts fall where the running element count first reaches
+        ``k / count`` of the total.
+
+    Raises:
+        ValueError: fewer non-empty tensors than fragments.
+
+    Example::
+
+        >>> split_into_fragments([4, 4, 4, 4], [0, 1, 2, 3], 2)
+        [[0, 1], [2, 3]]
+    """
+    order = sorted(range(len(numels)), key=lambda i: (positions[i], i))
+    order = [i for i in order if numels[i] > 0]
+    if len(order) < count:
+        raise ValueError(
+            f"fragments={count} needs at least {count} averaged tensors to cut whole tensors "
+            f"into fragments, but the model has {len(order)}; use fragments={max(1, len(order))} "
+            "or fewer"
+        )
+    total = sum(numels[i] for i in order)
+    fragments: list[list[int]] = [[] for _ in range(count)]
+    filled = 0
+    k = 0
+    for position, i in enumerate(order):
+        # The next fragment starts once this one holds its share, or when the tensors left
+        # are just enough to give each fragment still to come one.
+        left = len(order) - position
+        full = filled * count >= total * (k + 1) or left <= count - 1 - k
+        if fragments[k] and k < count - 1 and full:
+            k += 1
+        fragments[k].append(i)
+        filled += numels[i]
+    return fragments
+
+
+class FragmentedAverager:
+    """One :class:`~local_sgd_optim.comm.averager.BucketedAverager` per fragment of a list of
+    tensors, used as one averager.
+
+    Args:
+        tensors (Sequence[Tensor]): every tensor to average (indices refer to this list).
+        fragments (Sequence[Sequence[int]]): the indices of each fragment's tensors
+            (:func:`split_into_fragments`; one fragment of every index for a whole-model round).
+        build (Callable[[list[Tensor], int], BucketedAverager]): builds the averager of a
+            fragment's tensors (its index is the second argument).
+
+    Example::
+
+        >>> parts = split_into_fragments([p.numel() for p in params], range(len(params)), 4)
+        >>> averager = FragmentedAverager(params, parts, lambda ts, _: BucketedAverager(ts, None))
+        >>> averager.average(step=8, fragment=0)  # the first fragment only
+        >>> averager.average(step=8)  # every fragment
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        fragments: Sequence[Sequence[int]],
+        build: Callable[[list[Tensor], int], BucketedAverager],
+    ) -> None:
+        self.fragments = [list(f) for f in fragments]
+        self.parts = [build([tensors[i] for i in f], k) for k, f in enumerate(self.fragments)]
+        self._finished: list[int] = []  # the parts whose round in flight landed last
+
+    # --- what it averages -----------------------------------------------------------------
+
+    @property
+    def count(self) -> int:
+        """The number of fragments."""
+        return len(self.parts)
+
+    @property
+    def buckets(self) -> list[Bucket]:
+        """Every fragment's buckets, fragment by fragment."""
+        return [b for part in self.parts for b in part.buckets]
+
+    @property
+    def numel(self) -> int:
+        """Elements averaged by a round of every fragment."""
+        return sum(part.numel for part in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a round of every fragment puts on the wire."""
+        return sum(part.nbytes for part in self.parts)
+
+    def fragment_nbytes(self, fragment: int) -> int:
+        """Bytes a round of one fragment puts on the wire."""
+        return self.parts[fragment].nbytes
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes the fragments' averagers allocated for themselves."""
+        return sum(part.workspace_bytes for part in self.parts)
+
+    @property
+    def on_nonfinite(self) -> str:
+        """``"raise"`` or ``"skip"``: what a round does when some rank's tensors are not finite."""
+        return self.parts[0].on_nonfinite
+
+    def _chosen(self, fragment: int | Sequence[int] | None) -> list[int]:
+        """Fragments by index: one, several, or (``None``) every one."""
+        if fragment is None:
+            return list(range(self.count))
+        return [fragment] if isinstance(fragment, int) else list(fragment)
+
+    def adopt(self, previous: FragmentedAverager) -> bool:
+        """Take over ``previous``'s anchors and fingerprints, fragment by fragment, when it cut
+        the same tensors into the same fragments (see :meth:`BucketedAverager.adopt`)."""
+        if previous.fragments != self.fragments:
+            return False
+        return all([part.adopt(old) for part, old in zip(self.parts, previous.parts)])
+
+    # --- rounds ---------------------------------------------------------------------------
+
+    def average(
+        self,
+        step: int = 0,
+        kind: str = "round",
+        check_diverged: bool = False,
+        fragment: int | Sequence[int] | None = None,
+    ) -> bool:
+        """A blocking round of one fragment, or of every fragment (``None``), one after the
+        other; whether every one was applied (``False``: some skipped for non-finite values)."""
+        applied = [
+            self.parts[k].average(step, kind, check_diverged) for k in self._chosen(fragment)
+        ]
+        return all(applied)
+
+    def start(
+        self,
+        step: int = 0,
+        kind: str = "round",
+        check_diverged: bool = False,
+        fragment: int | Sequence[int] | None = None,
+    ) -> bool | None:
+        """Start an overlapped round of one fragment, or of every fragment (``None``).
+
+        Returns:
+            ``None`` when some round is in flight; otherwise whether every one was applied at
+            once (a first round in full precision) or ``False`` when one was skipped.
+        """
+        results = [self.parts[k].start(step, kind, check_diverged) for k in self._chosen(fragment)]
+        if any(r is None for r in results):
+            return None
+        return all(bool(r) for r in results)
+
+    @property
+    def pending(self) -> bool:
+        """Whether some fragment's round started with :meth:`start` has not been finished."""
+        return any(part.pending for part in self.parts)
+
+    def finish(self) -> bool:
+        """Wait for every fragment's round in flight and apply it; whether one was applied."""
+        self._finished = [k for k, part in enumerate(self.parts) if part.pending]
+        for k in self._finished:
+            self.parts[k].finish()
+        return bool(self._finished)
+
+    def snapshot_pieces(self) -> list[Piece]:
+        """Right after :meth:`finish`: the pieces of the fragments that landed, with the mean of
+        the ranks' snapshots, indexed in the full tensor list."""
+        pieces = []
+        for k in self._finished:
+            for piece in self.parts[k].snapshot_pieces():
+                piece.index = self.fragments[k][piece.index]
+                pieces.append(piece)
+        return pieces
+
+    def indices(self, fragment: int | Sequence[int] | None) -> list[int] | None:
+        """The full-list indices of the chosen fragments' tensors (``None``: every one)."""
+        if fragment is None:
+            return None
+        return [i for k in self._chosen(fragment) for i in self.fragments[k]]
+
+    # --- anchors --------------------------------------------------------------------------
+
+    @property
+    def anchored(self) -> bool:
+        """Whether every fragment holds the last round's values for 16-bit deltas."""
+        return all(part.anchored for part in self.parts)
+
+    def set_anchor_from_tensors(self, fragment: int | Sequence[int] | None = None) -> None:
+        """Take the tensors' current values as the reference for deltas (ranks must agree)."""
+        for k in self._chosen(fragment):
+            self.parts[k].set_anchor_from_tensors()
+
+    def set_anchor_values(self, values: dict[int, Tensor]) -> None:
+        """Take ``values[i]`` (full-list index ``i``) as the reference for tensor ``i``."""
+        for part, indices in zip(self.parts, self.fragments):
+            mine = {local: values[i] for local, i in enumerate(indices) if i in values}
+            if mine:
+                part.set_anchor_values(mine)
+
+    @staticmethod
+    def _anchor_slots(part: BucketedAverager) -> list[torch.dtype]:
+        """The dtype of each full-precision copy ``part`` keeps when anchored: one per
+        (device, dtype) group that sends deltas, in group order."""
+        groups = sorted({b.group for b in part.buckets if b.delta})
+        return [next(b.dtype for b in part.buckets if b.group == g) for g in groups]
+
+    def _anchor_counts(self) -> list[int]:
+        return [len(self._anchor_slots(part)) for part in self.parts]
+
+    def anchor_tensors(self) -> list[Tensor]:
+        """The full-precision copies for 16-bit deltas, fragment by fragment; a fragment not
+        anchored yet holds empty tensors in its places (one fragment: its list as is)."""
+        if self.count == 1:
+            return self.parts[0].anchor_tensors()
+        tensors: list[Tensor] = []
+        for part in self.parts:
+            held = part.anchor_tensors()
+            empty = [torch.empty(0, dtype=dtype) for dtype in self._anchor_slots(part)]
+            tensors += held if held else empty
+        return tensors
+
+    def load_anchor_tensors(self, anchors: Sequence[Tensor]) -> None:
+        """Restore :meth:`anchor_tensors` (an empty list: no fragment anchored)."""
+        if self.count == 1:
+            self.parts[0].load_anchor_tensors(anchors)
+            return
+        if not anchors:
+            for part in self.parts:
+                part.load_anchor_tensors([])
+            return
+        counts = self._anchor_counts()
+        if len(anchors) != sum(counts):
+            raise ValueError(
+                f"the checkpoint holds {len(anchors)} full-precision copies for comm_dtype, "
+                f"this model's {self.count} fragments need {sum(counts)}; resume with the same "
+                "model, comm_dtype and fragments"
+            )
+        start = 0
+        for part, n in zip(self.parts, counts):
+            mine = list(anchors[start : start + n])
+            start += n
+            part.load_anchor_tensors([] if all(t.numel() == 0 for t in mine) else mine)
+
+    # --- a round in flight, for checkpoints -----------------------------------------------
+
+    def pending_state(self) -> dict[str, Any] | None:
+        """A round in flight as tensors (waited for first), with its fragment's index."""
+        states = [(k, part.pending_state()) for k, part in enumerate(self.parts)]
+        states = [(k, s) for k, s in states if s is not None]
+        if not states:
+            return None
+        if len(states) > 1:  # pragma: no cover - rounds land before the next one starts
+            raise RuntimeError("more than one fragment's round is in flight")
+        k, state = states[0]
+        assert state is not None
+        return state if self.count == 1 else {**state, "fragment": k}
+
+    def load_pending_state(self, state: dict[str, Any] | None) -> None:
+        """Restore a round saved by :meth:`pending_state`; :meth:`finish` then applies it."""
+        for part in self.parts:
+            part.load_pending_state(None)
+        if state is None:
+            return
+        state = dict(state)
+        fragment = state.pop("fragment", 0)
+        if not isinstance(fragment, int) or not 0 <= fragment < self.count:
+            raise ValueError(
+                f"the checkpoint's round in flight belongs to fragment {fragment!r}, but this "
+                f"model has {self.count} fragment(s); resume with the checkpoint's fragments"
+            )
+        self.parts[fragment].load_pending_state(state)
+
+    def release_buffers(self) -> None:
+        """Let go of every fragment's buffers and async work, keeping the anchors (see
+        :meth:`BucketedAverager.release_buffers`)."""
+        for part in self.parts:
+            part.release_buffers()
+
+    def __iter__(self) -> Iterator[BucketedAverager]:
+        return iter(self.parts)
