@@ -211,8 +211,13 @@ def _resumed(settings: dict[str, Any], stop: int | None, steps: int) -> dict[str
         ({"fragments": 4, "outer_optimizer": _outer, "comm_dtype": torch.bfloat16}, 5),
         # Right after a fragment's round started: it is in flight in the checkpoint.
         ({"fragments": 2, "outer_optimizer": _outer, "overlap_steps": 2}, PERIOD + 5),
+        # Streaming DiLoCo as the paper runs it: 4-bit deltas, fragments, overlap.
+        (
+            {"fragments": 4, "outer_optimizer": _outer, "comm_dtype": "int4", "overlap_steps": 1},
+            PERIOD + 4,
+        ),
     ],
-    ids=["diloco-bf16", "diloco-overlap"],
+    ids=["diloco-bf16", "diloco-overlap", "diloco-int4-overlap"],
 )
 def test_a_resume_mid_period_is_exact(ranks: Any, settings: dict[str, Any], stop: int) -> None:
     steps = 2 * PERIOD + 5
