@@ -267,6 +267,17 @@ class FragmentedAverager:
             return None
         return [i for k in self._chosen(fragment) for i in self.fragments[k]]
 
+    def set_contributors(self, count: int) -> None:
+        """The next rounds' mean is over ``count`` ranks: the others join them without
+        contributing, after :meth:`withhold` (see :meth:`BucketedAverager.withhold`)."""
+        for part in self.parts:
+            part.contributors = count
+
+    def withhold(self) -> None:
+        """Make this rank's tensors contribute nothing to the next round of every fragment."""
+        for part in self.parts:
+            part.withhold()
+
     # --- anchors --------------------------------------------------------------------------
 
     @property

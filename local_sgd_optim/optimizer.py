@@ -41,6 +41,7 @@ from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.ddp import HookState, attach, inner_ddp, watch_for_ddp
 from local_sgd_optim.delegating import DelegatingOptimizer
+from local_sgd_optim.fault_tolerance import ReplicaQuorum
 from local_sgd_optim.gradients import rescale_gradients
 from local_sgd_optim.resume import (
     BroadcastRecord,
@@ -194,6 +195,18 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             ``overlap_steps`` each fragment's round travels behind the steps after it, which
             must be fewer than the steps between two fragments' rounds. :meth:`average` and
             :meth:`close` average every fragment (default: 1).
+        fault_tolerance (torchft.Manager, optional): run every round through this torchft
+            ``Manager``'s quorum, across replica groups, so that the others train on when a
+            replica dies (https://github.com/pytorch/torchft). Each replica group is its own
+            job; construction waits for the live replicas' next round and, when this replica
+            is behind, takes a live peer's whole state and joins that round without
+            contributing; a round whose quorum does not commit changes nothing and runs again
+            with the next quorum, keeping the local steps. The Manager must be built with
+            ``use_async_quorum=False`` and a ``quorum_timeout`` above both its ``timeout``
+            and the time between rounds; ``process_group`` must be ``None``, and
+            ``overlap_steps``, ``fragments``, ``local_period`` and ``warmup_steps`` keep their
+            defaults. Needs ``pip install 'local_sgd_optim[ft]'``; see
+            ``docs/fault-tolerance.md`` (default: ``None``).
 
     Raises:
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
@@ -205,7 +218,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             ``model``, ``base_optimizer`` is already wrapped by an open
             ``LocalSGDOptimizer``, or ``model`` has DTensor parameters (FSDP2) whose device
             mesh shares ranks with ``process_group`` (HSDP, or no group given: see
-            ``docs/fsdp2.md``).
+            ``docs/fsdp2.md``); ``fault_tolerance`` is combined with ``process_group`` or with
+            a setting its rounds do not support, or its Manager is not one they can use.
+        RoundError: with ``fault_tolerance``, no quorum formed within the Manager's
+            ``quorum_timeout``.
         RuntimeError: the ranks' models or settings differ, input was bad on another rank, or a
             DDP ``model`` already has a communication hook.
 
@@ -251,6 +267,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         allow_identical_ranks: bool = False,
         parameters_as_bucket_view: bool = False,
         fragments: int = 1,
+        fault_tolerance: Any = None,
     ) -> None:
         arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         del arguments["base_optimizer"], arguments["model"], arguments["process_group"]
@@ -265,7 +282,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self._extra_params: list[Tensor] = []
         self._stats = CommStats()
         self._last_step: tuple[float, float] | None = None  # perf_counter, round_seconds
-        self._world_size = group_size(process_group) if settings.enabled else 1
+        # With fault tolerance the replicas averaged over change with each quorum: none of
+        # the collectives outside rounds (agreement, broadcast, headers) has a fixed group.
+        fixed = settings.enabled and settings.fault_tolerance is None
+        self._world_size = group_size(process_group) if fixed else 1
         self._hook_state = HookState(self._clock, process_group, self._world_size, self._stats)
         self._header = RoundHeader(
             process_group,
@@ -287,10 +307,14 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             self._device,
             self._communicates,
         )
+        self._quorum: ReplicaQuorum | None = None
+        if settings.fault_tolerance is not None and settings.enabled:
+            self._quorum = ReplicaQuorum(settings.fault_tolerance, self._rounds, model, self)
+            self._rounds.quorum = self._quorum
         self._ddp_watch: RemovableHandle | None = None
         if self._communicates:
             self._set_up_communication()
-        elif could_communicate(process_group, True):
+        elif settings.fault_tolerance is None and could_communicate(process_group, True):
             self._rounds.agree()  # enabled=False here: so that it must be so on every rank
         self._rounds.build_outer()
         # Copies taken above (the outer optimizer's, the anchor for 16-bit deltas) must follow
@@ -299,6 +323,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         # Set by a DCP-layout load: the model is loaded after it (dcp.LoadedParameters).
         self._loaded_parameters: dcp.LoadedParameters | None = None
         self._before_dcp_load: int | None = None  # see dcp.LoadedParameters.after_load
+        if self._quorum is not None:
+            self._quorum.join(self._join_round)
         self._log_settings()
         if self._communicates:  # a forgotten close() leaves the ranks apart: say so
             watch_for_unclosed(self, self._clock, self._ownership, group_rank(process_group))
@@ -315,6 +341,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
                     "optimizer (opt.base_optimizer) once"
                 )
             check_arguments(base_optimizer, model, process_group, arguments["enabled"])
+            if arguments["fault_tolerance"] is not None and process_group is not None:
+                raise ValueError(
+                    "process_group must be None with fault_tolerance: the Manager's quorum "
+                    "decides which replicas average together, round by round"
+                )
             return Settings.from_arguments(**arguments)
         except (TypeError, ValueError, RuntimeError) as problem:
             # The other ranks may have valid input and be about to wait for us in the first
@@ -367,7 +398,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         """The settings for logs and ``repr``: period, accumulation, world size, the rest that
         are off their defaults."""
         parts = self._settings.summary()
-        parts.insert(2, f"world_size={self._world_size}")
+        parts.insert(2, f"world_size={self.world_size}")
         return parts
 
     @property
@@ -413,8 +444,9 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     @property
     def world_size(self) -> int:
-        """Ranks that average together (1 when nothing is communicated)."""
-        return self._world_size
+        """Ranks that average together (1 when nothing is communicated; with
+        ``fault_tolerance``, the replicas of the last quorum)."""
+        return self._world_size if self._quorum is None else self._quorum.size
 
     @property
     def micro_steps(self) -> int:
@@ -681,19 +713,31 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         self, blocking: bool = True, kind: str = "round", fragment: int | None = None
     ) -> None:
         clock, settings = self._clock, self._settings
-        # Ranks identical after local steps mean Local SGD is not happening; not a symptom
-        # during warm-up (synchronous by design) or with subgroup rounds in between.
-        check = (
-            kind == "round"
-            and not settings.allow_identical_ranks
-            and settings.local_period is None
-            and clock.last_round_step >= settings.warmup_steps
-        )
-        number = clock.averaging_rounds + 1
-        # The whole model: with fragments, those not averaged at this step.
-        chosen = clock.fragments_behind() if fragment is None else fragment
-        self._rounds.run(clock.optimizer_steps, blocking, number, kind, check, chosen)
+
+        def attempt() -> None:
+            # Read at each attempt: with fault tolerance, a replica behind the others takes a
+            # live peer's counters in the quorum before it.
+            # Ranks identical after local steps mean Local SGD is not happening; not a
+            # symptom during warm-up (synchronous by design) or with subgroup rounds between.
+            check = (
+                kind == "round"
+                and not settings.allow_identical_ranks
+                and settings.local_period is None
+                and clock.last_round_step >= settings.warmup_steps
+            )
+            number = clock.averaging_rounds + 1
+            # The whole model: with fragments, those not averaged at this step.
+            chosen = clock.fragments_behind() if fragment is None else fragment
+            self._rounds.run(clock.optimizer_steps, blocking, number, kind, check, chosen)
+
+        self._rounds.commit(kind, attempt)
         clock.record_round(whole=fragment is None)
+
+    def _join_round(self, kind: str) -> None:
+        """At construction with fault tolerance: this replica took the state of a live peer
+        that is in a round of ``kind``; join that round as the peer runs it."""
+        calls = {"round": self._run_due_rounds, "average()": self.average, "close()": self.close}
+        calls[kind]()
 
     def average(self) -> None:
         """Run a blocking averaging round now, outside the ``period`` schedule.
@@ -746,6 +790,15 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             Every rank of the process group must enter the block at the same point.
         """
         steps = self._clock.optimizer_steps
+        if self._quorum is not None and not (
+            self._rounds.identical_at == steps and not self._rounds.in_flight
+        ):
+            raise RuntimeError(
+                "global_model() needs a fixed process group, and with fault_tolerance the "
+                "replicas change with each quorum: call average() first (a round through the "
+                "quorum), after which every replica holds the global model and global_model() "
+                "yields it as is"
+            )
         if (
             not self._communicates
             or self._ownership.closed

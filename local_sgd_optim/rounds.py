@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,7 @@ from local_sgd_optim.comm.collectives import broadcast_tensors
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.resident import Residence
 from local_sgd_optim.comm.stats import CommStats
+from local_sgd_optim.comm.tensors import clone_tree, copy_all
 from local_sgd_optim.fragments import FragmentedAverager, split_into_fragments
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
@@ -42,7 +43,10 @@ from local_sgd_optim.tracked import (
 from local_sgd_optim.tracked import tracked as tracked_state
 from local_sgd_optim.two_level import build_local_group
 
-__all__ = ["Rounds"]
+if TYPE_CHECKING:
+    from local_sgd_optim.fault_tolerance import ReplicaQuorum
+
+__all__ = ["Rounds", "Saved"]
 
 _LOG = logging.getLogger("local_sgd_optim")
 
@@ -50,6 +54,25 @@ _LOG = logging.getLogger("local_sgd_optim")
 def _memory(tensor: Tensor) -> tuple[object, ...]:
     """What identifies a tensor's memory (a DTensor's local shard is a new object each time)."""
     return (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)
+
+
+@dataclasses.dataclass
+class Saved:
+    """What a round may change, copied before it (:meth:`Rounds.save`), to put back when a
+    fault-tolerance quorum does not commit it.
+
+    Args:
+        tensors (list of Tensor): the averaged tensors and the buffers copied from the first
+            rank.
+        anchors (list of Tensor): the full-precision copies for 16-bit deltas.
+        outer (dict, optional): the outer optimizer's kept copy and state.
+        identical_at (int, optional): the step after which the last round left ranks identical.
+    """
+
+    tensors: list[Tensor]
+    anchors: list[Tensor]
+    outer: dict[str, Any] | None
+    identical_at: int | None
 
 
 class Rounds:
@@ -99,6 +122,8 @@ class Rounds:
         self._share = Share(model, base_optimizer, extra_params)
         # The optimizer step after which a blocking round left every rank identical.
         self.identical_at: int | None = None
+        # With fault tolerance: what runs each round through a quorum (see commit()).
+        self.quorum: ReplicaQuorum | None = None
         self.outer: OuterOptimizer | None = None
         if settings.outer_optimizer is not None:
             ready = settings.broadcast_initial or not communicates
@@ -186,6 +211,78 @@ class Rounds:
         positions = [where.get(_memory(t), len(modules)) for t in tensors]
         return split_into_fragments([t.numel() for t in tensors], positions, count)
 
+    # --- rounds through a fault-tolerance quorum ------------------------------------------
+
+    def commit(self, kind: str, attempt: Callable[[], None]) -> None:
+        """Run ``attempt`` (one round of ``kind``): once, or, with fault tolerance, on quorums
+        until one commits it (:meth:`ReplicaQuorum.run`)."""
+        if self.quorum is None:
+            attempt()
+        else:
+            self.quorum.run(kind, attempt)
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The group rounds average over."""
+        return self._process_group
+
+    @property
+    def device(self) -> torch.device | None:
+        """The model's device, for bookkeeping collectives."""
+        return self._device
+
+    @property
+    def anchored(self) -> bool:
+        """Whether every averager holds the full-precision reference for 16-bit deltas."""
+        return self.averager is not None and self.averager.anchored
+
+    def use_group(self, group: dist.ProcessGroup) -> None:
+        """Average over ``group`` from now on (a fault-tolerance quorum's, whose rank or size
+        changed): new averagers, which keep the 16-bit anchors."""
+        anchors = [] if self.averager is None else self.averager.anchor_tensors()
+        self._process_group = group
+        self.communicates = True
+        self._build_averagers(self.tracked())
+        assert self.averager is not None
+        if anchors and not self.averager.anchored:  # a layout adopt() does not carry over
+            self.averager.load_anchor_tensors(anchors)
+
+    def set_contributors(self, count: int) -> None:
+        """The next round's mean is over ``count`` ranks of the group (see :meth:`withhold`)."""
+        assert self.averager is not None
+        self.averager.set_contributors(count)
+
+    def withhold(self) -> None:
+        """This rank joins the next round without contributing (it just received a live
+        peer's state, which the round's mean gives it back)."""
+        assert self.averager is not None
+        self.averager.withhold()
+
+    def save(self) -> Saved:
+        """Copies of everything a round changes, for :meth:`restore`."""
+        entries = self.tracked()
+        anchors = [] if self.averager is None else self.averager.anchor_tensors()
+        return Saved(
+            tensors=[t.detach().clone() for t in self._changed_by_rounds(entries)],
+            anchors=[a.clone() for a in anchors],
+            outer=None if self.outer is None else clone_tree(self.outer.state_dict()),
+            identical_at=self.identical_at,
+        )
+
+    def restore(self, saved: Saved) -> None:
+        """Put back what :meth:`save` copied: the round that followed never happened."""
+        with torch.no_grad():
+            copy_all(self._changed_by_rounds(self.tracked()), saved.tensors)
+        if self.averager is not None:
+            self.averager.load_anchor_tensors(saved.anchors)
+        if self.outer is not None and saved.outer is not None:
+            self.outer.load_state_dict(saved.outer)
+        self.identical_at = saved.identical_at
+
+    @staticmethod
+    def _changed_by_rounds(entries: list[Tracked]) -> list[Tensor]:
+        return averaged_tensors(entries) + broadcast_buffers(entries)
+
     def release(self) -> None:
         """Give the tensors placed in bucket storage memory of their own again, and leave the
         model to any other wrapper on it."""
@@ -226,7 +323,7 @@ class Rounds:
         ``exchange`` runs the header collective, ``header`` judges it."""
         if built == self.signature():
             return
-        if self.communicates:
+        if self.communicates and self.quorum is None:  # a quorum's group exists in rounds only
             # Ranks that changed the model do this together; one that did it alone meets
             # another rank's round in the header instead, and every rank raises.
             hint = (

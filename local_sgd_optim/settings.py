@@ -27,6 +27,7 @@ from local_sgd_optim.checks import (
     check_overlap_steps,
     check_positive_int,
 )
+from local_sgd_optim.fault_tolerance import check_manager, check_settings, describe_manager
 from local_sgd_optim.fragments import check_fragments
 
 __all__ = ["PeriodSchedule", "Settings"]
@@ -234,6 +235,11 @@ class Settings:
         default=1,
         metadata=_about(lambda v: check_positive_int("fragments", v), required_since=None),
     )
+    # A torchft Manager: rounds through its quorum (local_sgd_optim.fault_tolerance). Not
+    # saved: which replicas average together is the Manager's business, not a checkpoint's.
+    fault_tolerance: Any = dataclasses.field(
+        default=None, metadata=_about(check_manager, saved=False, describe=describe_manager)
+    )
 
     @classmethod
     def from_arguments(cls, **arguments: Any) -> Settings:
@@ -277,6 +283,7 @@ class Settings:
                     "fragments cannot be combined with local_period yet; use fragments=1 with "
                     "two-level averaging"
                 )
+        check_settings(self)
 
     def _fields(self, saved_only: bool = False) -> Iterator[dataclasses.Field[Any]]:
         return (f for f in dataclasses.fields(self) if f.metadata["saved"] or not saved_only)

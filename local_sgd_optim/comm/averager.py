@@ -150,6 +150,9 @@ class BucketedAverager:
         self.process_group = process_group
         self.cpu_offload = cpu_offload
         self.world_size = group_size(process_group)
+        # The ranks a round's mean is over: fewer than world_size when some join a round
+        # without contributing (a fault-tolerance replica healed for it: see withhold()).
+        self.contributors = self.world_size
         self.comm_dtype = comm_dtype
         self.overlap = overlap
         wire: WireFormat = None if isinstance(comm_dtype, str) else comm_dtype
@@ -412,6 +415,19 @@ class BucketedAverager:
                     if index in values:
                         view.copy_(Piece.slice_of(values[index], offset, source))
 
+    @torch.no_grad()
+    def withhold(self) -> None:
+        """Make this rank's tensors contribute nothing to the next round's sum: zero, or, for
+        delta buckets with an anchor, the anchor (a delta of zero). For a rank that must join
+        a round's collectives without weighing in (a fault-tolerance replica that received
+        its state from a peer for this round); the round overwrites every averaged tensor
+        with the mean of the others (see :attr:`contributors`)."""
+        for b in self.buckets:
+            if b.delta and b.anchor is not None:
+                copy_all(b.sources, b.anchor_views)
+            else:
+                torch._foreach_zero_(list(b.sources))
+
     # --- blocking rounds ------------------------------------------------------------------
 
     def _exchange_header(self, step: int, kind: str, check_diverged: bool) -> bool:
@@ -421,7 +437,7 @@ class BucketedAverager:
         previous, self._fingerprint = self._fingerprint, fingerprint
         changed = check_diverged and previous is not None and fingerprint != previous
         fits = not self.anchored or all(
-            delta_fits_float16(b, self.world_size) for b in self.buckets
+            delta_fits_float16(b, self.contributors) for b in self.buckets
         )
         flag = NONFINITE if not finite else (0 if fits else TOO_LARGE)
         view = self.header.exchange(kind, step, flag, fingerprint, changed, self.plan)
@@ -481,18 +497,18 @@ class BucketedAverager:
         return start_all_reduce(b.wire, self.process_group, self.stats, step, op)
 
     def _pipelined_round(self, step: int, buckets: list[Bucket]) -> None:
-        world = self.world_size
+        world, divisor = self.world_size, self.contributors
         in_flight: list[dist.Work] = []  # started and not yet waited for, oldest first
         try:
             if all(b.in_place for b in buckets):
                 # Nothing to copy: every bucket goes at once (gloo's threads run them side by
                 # side), and each is scaled as it lands.
                 for b in buckets:
-                    pack(b, b.payload, b.payload_views, world)  # float16: divide first
+                    pack(b, b.payload, b.payload_views, divisor)  # float16: divide first
                     in_flight.append(self._start(b, step))
                 for b in buckets:
                     wait(in_flight.pop(0), self.stats, step)
-                    unpack(b, world)
+                    unpack(b, world, divisor)
                 return
             # One collective on the wire at a time, the copies of its neighbours made
             # meanwhile: the next bucket is packed while this one travels, and this one is
@@ -500,16 +516,16 @@ class BucketedAverager:
             # together, which would leave every unpack to the end.) A bucket's pool buffer was
             # last used two buckets earlier, which has landed by then.
             if buckets:
-                pack(buckets[0], buckets[0].payload, buckets[0].payload_views, world)
+                pack(buckets[0], buckets[0].payload, buckets[0].payload_views, divisor)
                 in_flight.append(self._start(buckets[0], step))
             for i, b in enumerate(buckets):
                 following = buckets[i + 1] if i + 1 < len(buckets) else None
                 if following is not None:
-                    pack(following, following.payload, following.payload_views, world)
+                    pack(following, following.payload, following.payload_views, divisor)
                 wait(in_flight.pop(0), self.stats, step)
                 if following is not None:
                     in_flight.append(self._start(following, step))
-                unpack(b, world)
+                unpack(b, world, divisor)
         except BaseException:
             # Every rank started these: wait for them (whatever becomes of them) before the
             # error goes up, so that no collective is left half done.
@@ -524,6 +540,7 @@ class BucketedAverager:
         the wire at a time: the next bucket is packed while this one's shares are gathered, and
         this one is unpacked while the next one's shares are exchanged."""
         group, world, stats = self.process_group, self.world_size, self.stats
+        divisor = self.contributors
         in_flight: list[dist.Work] = []
 
         def exchange(b: Bucket) -> None:
@@ -533,22 +550,22 @@ class BucketedAverager:
 
         try:
             if buckets:
-                pack(buckets[0], buckets[0].wire, [], world)
+                pack(buckets[0], buckets[0].wire, [], divisor)
                 exchange(buckets[0])
             for i, b in enumerate(buckets):
                 assert b.quant is not None and b.received is not None and b.share is not None
                 assert b.work is not None
                 wait(in_flight.pop(0), stats, step)
-                reduce_share(b.quant, b.received, world, b.share, b.work, b.codes)
+                reduce_share(b.quant, b.received, world, b.share, b.work, b.codes, divisor)
                 # The mean shares land in the payload, which the exchange no longer needs.
                 in_flight.append(start_all_gather(b.wire, b.share, group, stats, step, 0))
                 following = buckets[i + 1] if i + 1 < len(buckets) else None
                 if following is not None:
-                    pack(following, following.wire, [], world)
+                    pack(following, following.wire, [], divisor)
                 wait(in_flight.pop(0), stats, step)
                 if following is not None:
                     exchange(following)
-                unpack(b, world)
+                unpack(b, world, divisor)
         except BaseException:
             for work in in_flight:
                 with contextlib.suppress(Exception):
@@ -574,10 +591,10 @@ class BucketedAverager:
                 copy_all(views, b.sources)
             first = b.prescaled and not b.delta  # float16 on the wire: divide before the sum
             if first:
-                divide_(wire, self.world_size)
+                divide_(wire, self.contributors)
             wait(start_all_reduce(wire, self.process_group, self.stats, step), self.stats, step)
             if not first:
-                divide_(wire, self.world_size)
+                divide_(wire, self.contributors)
             if copied:
                 copy_all(b.sources, views)
             if b.delta:

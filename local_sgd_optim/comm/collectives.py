@@ -24,7 +24,12 @@ from local_sgd_optim.comm.buckets import (
     group_by_device_and_dtype,
     pool_plan,
 )
-from local_sgd_optim.comm.groups import collective_device, group_rank, group_size
+from local_sgd_optim.comm.groups import (
+    StandaloneGroup,
+    collective_device,
+    group_rank,
+    group_size,
+)
 from local_sgd_optim.comm.header import RoundHeader
 from local_sgd_optim.comm.stats import CommStats, RoundError
 from local_sgd_optim.comm.tensors import all_finite, copy_all, shaped_views
@@ -92,8 +97,10 @@ def start_collective(
 
 def backend_averages(group: dist.ProcessGroup | None, device: torch.device) -> bool:
     """Whether ``group`` computes a mean of ``device`` tensors itself (``ReduceOp.AVG``, which
-    NCCL has and gloo has not), sparing the division pass after a sum."""
-    if device.type != "cuda":
+    NCCL has and gloo has not), sparing the division pass after a sum. Never for a
+    :class:`StandaloneGroup` (a fault-tolerance quorum's): some of its ranks may join a round
+    without contributing, so the mean is over fewer ranks than the group has."""
+    if device.type != "cuda" or isinstance(group, StandaloneGroup):
         return False
     try:
         return "nccl" in str(dist.get_backend(group)).lower()
@@ -276,7 +283,9 @@ def broadcast_tensors(
 
         >>> broadcast_tensors(list(model.parameters()), None)  # every rank: rank 0's values
     """
-    src = 0 if process_group is None else dist.get_global_rank(process_group, 0)
+    # A group the registry does not know has no global ranks: name the source within it.
+    standalone = isinstance(process_group, StandaloneGroup)
+    src = 0 if process_group is None or standalone else dist.get_global_rank(process_group, 0)
     buckets = cut_into_buckets(
         group_by_device_and_dtype(local_tensors(tensors)), max(1, int(bucket_cap_mb * MB)), None
     )
@@ -293,7 +302,10 @@ def broadcast_tensors(
         wire = buffers[b.device][: b.wire_bytes].view(b.dtype)
         views[i] = shaped_views(wire, b.sources)
         copy_all(views[i], b.sources)
-        work = dist.broadcast(wire, src=src, group=process_group, async_op=True)
+        if standalone:
+            work = dist.broadcast(wire, group=process_group, group_src=0, async_op=True)
+        else:
+            work = dist.broadcast(wire, src=src, group=process_group, async_op=True)
         assert work is not None
         return work
 

@@ -258,13 +258,19 @@ def start_all_to_all(
 
 
 def gathered_mean(
-    fmt: QuantFormat, received: Tensor, world_size: int, out: Tensor, codes: Tensor | None
+    fmt: QuantFormat,
+    received: Tensor,
+    world_size: int,
+    out: Tensor,
+    codes: Tensor | None,
+    divisor: int | None = None,
 ) -> None:
     """``out`` (float32, whole blocks) becomes the mean of the ``world_size`` payloads that lie
-    one after another in ``received``: dequantized and added in rank order, then divided."""
+    one after another in ``received``: dequantized and added in rank order, then divided by
+    ``divisor``, the ranks that contributed (default: ``world_size``)."""
     for r, payload in enumerate(received.view(world_size, -1)):
         fmt.dequantize(payload, out, codes, accumulate=r > 0)
-    divide_(out, world_size)
+    divide_(out, world_size if divisor is None else divisor)
 
 
 def reduce_share(
@@ -274,9 +280,11 @@ def reduce_share(
     share: Tensor,
     work: Tensor,
     codes: Tensor | None,
+    divisor: int | None = None,
 ) -> None:
     """The reduce-scatter's middle: this rank's share from every rank (``received``) becomes
-    their mean, requantized into ``share``. ``work`` is float32 of at least a share's values."""
+    their mean (over ``divisor`` contributing ranks, default ``world_size``), requantized into
+    ``share``. ``work`` is float32 of at least a share's values."""
     values = work[: share.numel() // fmt.record_bytes * fmt.block]
-    gathered_mean(fmt, received, world_size, values, codes)
+    gathered_mean(fmt, received, world_size, values, codes, divisor)
     fmt.quantize_(values, share, codes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from torch import Tensor
 __all__ = [
     "all_finite",
     "as_real",
+    "clone_tree",
     "copy_all",
     "divide_",
     "finite_and_fingerprint",
@@ -22,6 +24,17 @@ __all__ = [
 def as_real(tensor: Tensor) -> Tensor:
     """A real view of ``tensor`` sharing its storage (complex tensors average as pairs)."""
     return torch.view_as_real(tensor) if tensor.is_complex() else tensor
+
+
+def clone_tree(value: Any) -> Any:
+    """``value`` (tensors in dicts, lists and tuples) with every tensor copied."""
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_tree(v) for v in value)
+    return value
 
 
 def copy_all(destinations: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
