@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from local_sgd_optim.comm.groups import group_rank, group_size
 from local_sgd_optim.ddp import has_foreign_hook, inner_ddp
-from local_sgd_optim.sharded import check_sharded_model
+from local_sgd_optim.sharded import check_sharded_model, is_dtensor
 
 __all__ = ["Ownership", "check_arguments", "could_communicate", "first_device"]
 
@@ -58,9 +58,18 @@ def _check_types(base_optimizer: object, model: object, process_group: object) -
 
 
 def check_arguments(
-    base_optimizer: object, model: object, process_group: object, enabled: bool
+    base_optimizer: object,
+    model: object,
+    process_group: object,
+    enabled: bool,
+    fault_tolerant: bool = False,
 ) -> None:
     """Raise on a base optimizer, model or group the wrapper cannot work with.
+
+    With ``fault_tolerant`` (rounds through a torchft quorum, across replica groups), the
+    launcher's ``WORLD_SIZE`` is the replica group's, which needs no process group of ours,
+    and a DDP model inside the group keeps its own gradient all-reduce; a sharded model is
+    refused.
 
     Raises:
         TypeError: wrong types, or an FSDP1 (``FullyShardedDataParallel``) model.
@@ -71,6 +80,7 @@ def check_arguments(
         RuntimeError: ``process_group`` without torch.distributed, several processes launched
             (``WORLD_SIZE`` > 1) without a process group, or a DDP model with a communication
             hook of its own.
+        ValueError: with ``fault_tolerant``, a model with DTensor (FSDP2) parameters.
 
     Example::
 
@@ -93,6 +103,14 @@ def check_arguments(
         )
     world = os.environ.get("WORLD_SIZE", "1")
     launched = world.strip().isdigit() and int(world) > 1
+    if fault_tolerant:
+        if any(is_dtensor(p) for p in model.parameters()):
+            raise ValueError(
+                "fault_tolerance does not support a sharded (FSDP2) model yet: each rank of a "
+                "replica group would need its shard's peers in the other groups. Use a "
+                "replicated model inside each replica group"
+            )
+        enabled = False  # the checks of a world of our own do not apply
     if enabled and launched and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             f"WORLD_SIZE={world} in the environment (torchrun or another launcher started "

@@ -340,8 +340,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
                     "base_optimizer is already a LocalSGDOptimizer; wrap the underlying "
                     "optimizer (opt.base_optimizer) once"
                 )
-            check_arguments(base_optimizer, model, process_group, arguments["enabled"])
-            if arguments["fault_tolerance"] is not None and process_group is not None:
+            fault_tolerant = arguments["fault_tolerance"] is not None
+            enabled = arguments["enabled"]
+            check_arguments(base_optimizer, model, process_group, enabled, fault_tolerant)
+            if fault_tolerant and process_group is not None:
                 raise ValueError(
                     "process_group must be None with fault_tolerance: the Manager's quorum "
                     "decides which replicas average together, round by round"

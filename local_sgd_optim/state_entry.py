@@ -175,10 +175,12 @@ def _counters(ours: dict[str, Any], period: object, warmup: object) -> dict[str,
         )
     if "next_round_step" in ours:
         next_round = _counter("next_round_step", ours["next_round_step"], minimum=1)
-        # A round at a step schedules the next after it (a disabled wrapper never rounds).
-        if counters["averaging_rounds"] and next_round <= steps:
+        # A round at a step schedules the next after it (a disabled wrapper never rounds);
+        # equal: taken in the round due at this step, which a fault-tolerance peer's state
+        # is (sent from inside its quorum), and which the next step() runs if it is not.
+        if counters["averaging_rounds"] and next_round < steps:
             raise _bad(
-                f"entry is inconsistent: next_round_step {next_round} is not after "
+                f"entry is inconsistent: next_round_step {next_round} is before "
                 f"optimizer_steps {steps}"
             )
     elif isinstance(period, int) and isinstance(warmup, int):

@@ -3,9 +3,10 @@
 line per committed round to ``<dir>/log_<replica>_<group rank>.jsonl``.
 
 The test drives it through files in ``<dir>``: every replica waits for ``start`` before it
-builds its optimizer (unless ``--join``), and ``pause_<replica>`` makes the replica stop at the
-start of its next round's collectives (after writing ``paused_<replica>``), for the test to
-kill it there.
+builds its optimizer (unless ``--join``); it waits between steps while ``hold`` exists; it
+trains until the step written in ``finish`` (or ``--steps``); and ``pause_<replica>`` makes it
+stop at the start of its next round's collectives (after writing ``paused_<replica>``), for
+the test to kill it there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import local_sgd_optim.rounds
-from local_sgd_optim import LocalSGDOptimizer
+from local_sgd_optim import LocalSGDOptimizer, RoundError
 
 
 def digest(value: Any, skip: frozenset[str] = frozenset({"stats"})) -> str:
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--replica", type=int, required=True)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--lighthouse", required=True)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--period", type=int, default=4)
     parser.add_argument("--step-sleep", type=float, default=0.02)
     parser.add_argument("--timeout", type=float, default=3.0)
@@ -68,7 +70,7 @@ def main() -> None:
     parser.add_argument("--comm-dtype", default="")
     parser.add_argument("--outer", action="store_true")
     parser.add_argument("--join", action="store_true", help="a restart: no start barrier")
-    parser.add_argument("--store-port", type=int, default=0)
+    parser.add_argument("--incarnation", type=int, default=0, help="how many starts before")
     args = parser.parse_args()
     from torchft import Manager, ProcessGroupGloo
 
@@ -98,16 +100,17 @@ def main() -> None:
         lighthouse_addr=args.lighthouse,
         replica_id=f"replica_{args.replica}",
     )
-    (work / f"ready_{name}").touch()
+    (work / f"ready_{name}").write_text(str(os.getpid()))
     while not args.join and not (work / "start").exists():
         time.sleep(0.02)
 
-    # Each attempt of a round records the values it starts from; the pause hook stops here.
-    attempts: list[list[float]] = []
+    # Each attempt of a round records the state it starts from; the pause hook stops there.
+    attempts: list[str] = []
     run = local_sgd_optim.rounds.Rounds.run
 
     def recorded_run(self: Any, *a: Any, **k: Any) -> None:
-        attempts.append(flat(model))
+        # What a round changes: the model, the 16-bit anchors, the outer optimizer's state.
+        attempts.append(digest({"model": model.state_dict(), "rounds": self.state_tensors()}))
         if (work / f"pause_{args.replica}").exists():
             (work / f"paused_{args.replica}").touch()
             time.sleep(60)
@@ -130,6 +133,7 @@ def main() -> None:
     def record(event: str, **fields: Any) -> None:
         fields.update(
             event=event,
+            incarnation=args.incarnation,
             step=opt.optimizer_steps,
             rounds=opt.averaging_rounds,
             size=opt.world_size,
@@ -143,9 +147,35 @@ def main() -> None:
     began = time.perf_counter()
     opt = LocalSGDOptimizer(base, model, period=args.period, fault_tolerance=manager, **options)
     record("built", seconds=time.perf_counter() - began, attempts=attempts, after=flat(model))
+    try:
+        train(args, work, model, opt, attempts, record)
+    except RoundError as error:
+        with (work / f"error_{name}.json").open("w") as f:
+            json.dump({"wall": time.time(), "error": str(error)}, f)
+        raise
+    manager.shutdown(wait=False)
+
+
+def train(
+    args: argparse.Namespace,
+    work: Path,
+    model: nn.Module,
+    opt: LocalSGDOptimizer,
+    attempts: list[str],
+    record: Callable[..., None],
+) -> None:
+    """Steps until the step in ``finish`` (or ``--steps``), logging each committed round."""
+    group_rank = int(os.environ.get("RANK", "0"))
     generator = torch.Generator().manual_seed(100 * args.replica + group_rank + int(time.time()))
     target = torch.linspace(-1, 1, 8).unsqueeze(1)
-    while opt.optimizer_steps < args.steps:
+
+    def final() -> int:
+        finish = work / "finish"
+        return int(finish.read_text()) if finish.exists() else args.steps
+
+    while opt.optimizer_steps < final():
+        while (work / "hold").exists():
+            time.sleep(0.01)
         x = torch.randn(32, 8, generator=generator)
         loss = (model(x) - x @ target).pow(2).mean()
         loss.backward()
@@ -160,7 +190,6 @@ def main() -> None:
         time.sleep(args.step_sleep)
     opt.close()
     record("done", loss=float(loss))
-    manager.shutdown(wait=False)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def test_add_param_group_on_one_rank_raises_on_every_rank(
         ({"version": "3"}, "version must be 1, 2 or 3"),
         ({"version": 2.5}, "version must be 1, 2 or 3"),
         ({"next_round_step": 10**30}, "next_round_step"),
-        ({"optimizer_steps": 40, "micro_steps": 40}, "next_round_step 8 is not after optimizer_s"),
+        ({"optimizer_steps": 40, "micro_steps": 40}, "next_round_step 8 is before optimizer_s"),
         ({"micro_steps": 1}, "micro_steps 1 is fewer than optimizer_steps 6"),
         ({"stats": {"rounds": 1, "comm_seconds": float("nan")}}, "stats must hold"),
         ({"stats": {"rounds": 1, "comm_seconds": float("inf")}}, "stats must hold"),
