@@ -15,9 +15,9 @@ lighthouse computes a quorum from heartbeats, and for each round :class:`Replica
    the round changed and runs the same round again with the next quorum, so the local steps
    since the last round are kept (torchft's own ``LocalSGD`` and ``DiLoCo`` drop them).
 
-torchft is imported only when a manager is given: the package imports without it
-(``pip install local_sgd_optim[ft]`` installs it). Launch recipe, timeouts and what each
-failure costs: ``docs/fault-tolerance.md``.
+torchft is imported only when a manager is given: the package imports without it (the
+``ft`` extra installs it: ``pip install -e ".[ft]"`` in a clone). Launch recipe, timeouts and
+what each failure costs: ``docs/fault-tolerance.md``.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def _private(manager: object, name: str) -> Any:
     except AttributeError:
         raise TypeError(
             f"fault_tolerance: this torchft Manager has no {name} (the attribute torchft 0.2.0 "
-            "has); install a torchft version local_sgd_optim supports: pip install "
-            "'local_sgd_optim[ft]'"
+            "has); install the torchft version local_sgd_optim was tested with: pip install "
+            "'torchft==0.2.0'"
         ) from None
 
 
@@ -84,7 +84,7 @@ def check_manager(manager: object) -> object:
     except ImportError:
         raise TypeError(
             "fault_tolerance must be a torchft.Manager, and torchft is not installed: "
-            "pip install 'local_sgd_optim[ft]'"
+            "pip install 'torchft>=0.2.0' (or this package's ft extra)"
         ) from None
     if not isinstance(manager, Manager):
         raise TypeError(f"fault_tolerance must be a torchft.Manager, got {type(manager).__name__}")

@@ -205,7 +205,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             ``use_async_quorum=False`` and a ``quorum_timeout`` above both its ``timeout``
             and the time between rounds; ``process_group`` must be ``None``, and
             ``overlap_steps``, ``fragments``, ``local_period`` and ``warmup_steps`` keep their
-            defaults. Needs ``pip install 'local_sgd_optim[ft]'``; see
+            defaults. Needs torchft (the ``ft`` extra); see
             ``docs/fault-tolerance.md`` (default: ``None``).
 
     Raises:
