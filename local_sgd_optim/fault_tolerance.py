@@ -393,6 +393,7 @@ class ReplicaQuorum:
                 self._start_quorum(kind, self._quorum_timeout - (time.monotonic() - began))
             problem = self._attempt(attempt)
             if self._manager.should_commit():
+                self._rounds.committed()
                 self._committed(kind)
                 return
             if problem is None:

@@ -24,7 +24,7 @@ from local_sgd_optim.comm.collectives import broadcast_tensors
 from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.resident import Residence
 from local_sgd_optim.comm.stats import CommStats
-from local_sgd_optim.comm.tensors import clone_tree, copy_all
+from local_sgd_optim.comm.tensors import copy_all
 from local_sgd_optim.fragments import FragmentedAverager, split_into_fragments
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
@@ -58,21 +58,27 @@ def _memory(tensor: Tensor) -> tuple[object, ...]:
 
 @dataclasses.dataclass
 class Saved:
-    """What a round may change, copied before it (:meth:`Rounds.save`), to put back when a
-    fault-tolerance quorum does not commit it.
+    """What a round may change before its quorum commits, copied before it
+    (:meth:`Rounds.save`), to put back when a fault-tolerance quorum does not commit it. The
+    outer step waits for the commit (:meth:`Rounds.committed`): its state needs no copy.
 
     Args:
         tensors (list of Tensor): the averaged tensors and the buffers copied from the first
             rank.
         anchors (list of Tensor): the full-precision copies for 16-bit deltas.
-        outer (dict, optional): the outer optimizer's kept copy and state.
         identical_at (int, optional): the step after which the last round left ranks identical.
     """
 
     tensors: list[Tensor]
     anchors: list[Tensor]
-    outer: dict[str, Any] | None
     identical_at: int | None
+
+
+def _same_layout(kept: list[Tensor], tensors: list[Tensor]) -> bool:
+    return len(kept) == len(tensors) and all(
+        k.shape == t.shape and k.dtype == t.dtype and k.device == t.device
+        for k, t in zip(kept, tensors)
+    )
 
 
 class Rounds:
@@ -122,8 +128,11 @@ class Rounds:
         self._share = Share(model, base_optimizer, extra_params)
         # The optimizer step after which a blocking round left every rank identical.
         self.identical_at: int | None = None
-        # With fault tolerance: what runs each round through a quorum (see commit()).
+        # With fault tolerance: what runs each round through a quorum (see commit()), the
+        # copies a round is put back from (reused), and its outer step, run at the commit.
         self.quorum: ReplicaQuorum | None = None
+        self._saved: Saved | None = None
+        self._outer_step: Callable[[], None] | None = None
         self.outer: OuterOptimizer | None = None
         if settings.outer_optimizer is not None:
             ready = settings.broadcast_initial or not communicates
@@ -258,26 +267,42 @@ class Rounds:
         assert self.averager is not None
         self.averager.withhold()
 
+    @torch.no_grad()
     def save(self) -> Saved:
-        """Copies of everything a round changes, for :meth:`restore`."""
-        entries = self.tracked()
+        """Copies of what a round changes before its commit, for :meth:`restore`: the averaged
+        tensors and copied buffers, and the 16-bit anchors, in buffers kept from one round to
+        the next (one copy of each)."""
+        tensors = self._changed_by_rounds(self.tracked())
         anchors = [] if self.averager is None else self.averager.anchor_tensors()
-        return Saved(
-            tensors=[t.detach().clone() for t in self._changed_by_rounds(entries)],
-            anchors=[a.clone() for a in anchors],
-            outer=None if self.outer is None else clone_tree(self.outer.state_dict()),
-            identical_at=self.identical_at,
-        )
+        saved = self._saved
+        if (
+            saved is None
+            or not _same_layout(saved.tensors, tensors)
+            or not _same_layout(saved.anchors, anchors)
+        ):
+            empty = [torch.empty_like(t) for t in tensors]
+            saved = Saved(empty, [torch.empty_like(a) for a in anchors], None)
+            self._saved = saved
+        copy_all(saved.tensors, tensors)
+        copy_all(saved.anchors, anchors)
+        saved.identical_at = self.identical_at
+        return saved
 
     def restore(self, saved: Saved) -> None:
-        """Put back what :meth:`save` copied: the round that followed never happened."""
+        """Put back what :meth:`save` copied and drop the outer step waiting for the commit:
+        the round that followed never happened."""
         with torch.no_grad():
             copy_all(self._changed_by_rounds(self.tracked()), saved.tensors)
         if self.averager is not None:
             self.averager.load_anchor_tensors(saved.anchors)
-        if self.outer is not None and saved.outer is not None:
-            self.outer.load_state_dict(saved.outer)
         self.identical_at = saved.identical_at
+        self._outer_step = None
+
+    def committed(self) -> None:
+        """The quorum committed the round: take its outer step (held back until now)."""
+        outer_step, self._outer_step = self._outer_step, None
+        if outer_step is not None:
+            outer_step()
 
     @staticmethod
     def _changed_by_rounds(entries: list[Tracked]) -> list[Tensor]:
@@ -425,10 +450,17 @@ class Rounds:
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
             indices = None if self.averager is None else self.averager.indices(fragment)
-            self.outer.step_from_mean(outer_sources(entries), indices)
-            if self.averager is not None:
-                # Deltas start from the outer result.
-                self.averager.set_anchor_from_tensors(fragment)
+            outer, averager = self.outer, self.averager
+
+            def outer_step() -> None:
+                outer.step_from_mean(outer_sources(entries), indices)
+                if averager is not None:
+                    averager.set_anchor_from_tensors(fragment)  # deltas from the outer result
+
+            if self.quorum is None:
+                outer_step()
+            else:  # at the commit: a round the quorum does not commit leaves it untouched
+                self._outer_step = outer_step
         if self.local_averager is not None:
             self.local_averager.set_anchor_from_tensors()
 

@@ -39,6 +39,8 @@ def clone_tree(value: Any) -> Any:
 
 def copy_all(destinations: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
     """``destination.copy_(source)`` for each pair, fused where torch offers it."""
+    if not destinations:  # the fused copy refuses empty lists
+        return
     if hasattr(torch, "_foreach_copy_"):
         torch._foreach_copy_(list(destinations), list(sources))
     else:  # pragma: no cover - torch builds without the fused copy
