@@ -772,6 +772,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         """End training: a final averaging round, unless no optimizer step happened since the last.
 
         Idempotent. Afterwards every rank holds the same parameters and ``step()`` raises.
+        The wrapper then lets go of its rounds' buffers and async work; :meth:`state_dict`
+        still holds everything an exact resume needs.
 
         The ranks first agree, in the small header collective, on whether a round is due: a
         rank that took one step more than the others (uneven data, say) would otherwise wait
@@ -808,6 +810,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             # round after it is what makes the ranks identical.
             self._round(kind="close()")
         self._rounds.release()  # each tensor in memory of its own again
+        # No async work, wire or staging buffer outlives training (the anchors and the outer
+        # state stay for state_dict()); the warm-up pool grows back if a load reopens warm-up.
+        self._rounds.release_buffers()
+        if self._gradient_averager is not None:
+            self._gradient_averager._pools.clear()
         self._ownership.closed = True
 
     def __enter__(self) -> LocalSGDOptimizer:

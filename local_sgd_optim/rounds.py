@@ -381,3 +381,12 @@ class Rounds:
         if self.outer is not None:
             tensors[state_entry.OUTER] = self.outer.state_dict()
         return tensors
+
+    def release_buffers(self) -> None:
+        """Let go of the averagers' buffers and async work, keeping what :meth:`state_tensors`
+        reads (the anchors, the outer optimizer's copy and state). A wrapper reopened by
+        ``load_state_dict`` re-plans at its next round: new buffers, the anchors taken over."""
+        for averager in (self.averager, self.local_averager):
+            if averager is not None:
+                averager.release_buffers()
+        self._plan_key = None

@@ -658,3 +658,28 @@ class BucketedAverager:
                 "with the same model, comm_dtype, overlap_steps and bucket_cap_mb"
             )
         self._in_flight.load_state(state)
+
+    def release_buffers(self) -> None:
+        """Let go of everything this averager holds except the anchors: the wire, pool and
+        staging buffers, the copies of what was sent, the views of the averaged tensors (and
+        with them any bucket storage the tensors have left since) and any async work.
+
+        For the end of training: torch's discussion of gloo's abort at exit points at work
+        objects holding tensors while the interpreter finalises, and the buffers are memory an
+        evaluation after training can use. The anchors stay, so that
+        :meth:`anchor_tensors` (a checkpoint taken after the end) still holds the last round's
+        values. A round in flight is dropped, unapplied and not waited for: after an error its
+        peers may never complete it. Afterwards the averager cannot average; a new one can
+        take its anchors over with :meth:`adopt`.
+        """
+        self.load_pending_state(None)  # drops the in-flight round's work handles
+        for b in self.buckets:
+            b.wire = torch.empty(0, dtype=b.wire_dtype, device=b.device)
+            b.payload_views = []
+            b.scratch, b.scratch_views = None, []
+            b.sent, b.sent_views = None, []
+            b.received = b.share = b.codes = None
+            b.work, b.work_views = None, []
+            b.span, b.sources = None, []
+            b.anchor_views = []
+        self._checked = []
