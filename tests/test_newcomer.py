@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from _common import ROOT
+from _common import ROOT, launcher_env
 from torch import nn
 
 import local_sgd_optim
@@ -103,6 +103,96 @@ def test_forgotten_close_warns_at_interpreter_exit(tmp_path: Any) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "end of script" in proc.stdout
     assert "rank 1 was not closed: its last 3 optimizer step(s)" in proc.stderr, proc.stderr
+
+
+_WATCHED = """
+import gc
+from local_sgd_optim.arguments import Ownership
+from local_sgd_optim.clock import Clock
+from local_sgd_optim.unclosed import watch_for_unclosed
+
+class Wrapper:
+    pass
+
+def watched(rank):
+    # The watch alone, on an object that stepped 3 times with period 4 and was never closed.
+    wrapper = Wrapper()
+    clock = Clock(period=4, accumulation_steps=1, overlap_steps=0, warmup_steps=0)
+    clock.optimizer_steps = 3
+    watch_for_unclosed(wrapper, clock, Ownership(), rank=rank)
+    return wrapper
+"""
+
+
+def _not_closed(rank: int) -> str:
+    return (
+        f"LocalSGDOptimizer on rank {rank} was not closed: its last 3 optimizer step(s) (of 3) "
+        "were never averaged, so this rank's model differs from the other ranks'. Call "
+        "opt.close() on every rank when training ends, or train inside `with opt:`"
+    )
+
+
+def test_forgotten_close_under_python_warnings_as_errors(tmp_path: Any) -> None:
+    script = tmp_path / "forgot.py"
+    script.write_text(
+        _WATCHED
+        + "dropped = watched(0)\n"
+        + "del dropped\n"
+        + "gc.collect()\n"
+        + "print('after the collection', flush=True)\n"
+        + "kept = watched(1)\n"
+        + "print('end of script', flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=launcher_env(),
+    )
+    # The warning cannot stop the script from a finalizer: it goes on, and exits with 0.
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["after the collection", "end of script"], proc.stdout
+    lines = proc.stderr.splitlines()
+    for rank in (0, 1):
+        # On a line of its own (the log line), and as the error Python reports it.
+        assert _not_closed(rank) in lines, proc.stderr
+        assert f"RuntimeWarning: {_not_closed(rank)}" in lines, proc.stderr
+    assert "Exception ignored in: <finalize object" in proc.stderr
+
+
+@pytest.mark.parametrize("config", ["-W error", "filterwarnings = error"])
+def test_forgotten_close_under_pytest_warnings_as_errors(tmp_path: Any, config: str) -> None:
+    (tmp_path / "test_user.py").write_text(
+        _WATCHED
+        + "KEPT = []\n"
+        + "def test_dropped():\n"
+        + "    wrapper = watched(0)\n"
+        + "    del wrapper\n"
+        + "    gc.collect()\n"
+        + "def test_kept_until_exit():\n"
+        + "    KEPT.append(watched(1))\n"
+    )
+    ini = "[pytest]\n" + ("filterwarnings =\n    error\n" if config.startswith("filter") else "")
+    (tmp_path / "pytest.ini").write_text(ini)
+    flags = config.split() if config.startswith("-W") else []
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *flags, "test_user.py"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=launcher_env(),
+    )
+    out = proc.stdout + proc.stderr
+    # The test during which the wrapper was collected fails, naming the message; the one that
+    # leaves it to the exit passes, and the exit still warns (pytest's filters apply to tests).
+    assert proc.returncode == 1, out
+    assert "1 failed, 1 passed" in out, out
+    assert "FAILED test_user.py::test_dropped - pytest.PytestUnraisableExceptionWarning" in out
+    assert f"RuntimeWarning: {_not_closed(0)}" in out, out
+    assert _not_closed(1) in proc.stderr.splitlines(), out
 
 
 def test_alone_no_round_communicates() -> None:
