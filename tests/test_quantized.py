@@ -465,10 +465,12 @@ def test_buffers_are_allocated_once_and_sized_by_the_format() -> None:
         assert {b.wire_bytes for b in averager.buckets} == {payload}
         assert averager.nbytes == 8 * payload
         # The anchor, one float32 staging buffer of whole blocks, two pool slots of the
-        # payload and what the all-gather receives (1 rank here), and int4's unpacked codes.
+        # payload and what the all-gather receives (1 rank here), int4's unpacked codes, and
+        # float32 for codes cast before they are added (at most 1 MiB).
         staging = fmt.padded(250_000) * 4
         codes = fmt.padded(250_000) if name == "int4" else 0
-        expected = 8 * 250_000 * 4 + staging + 2 * (2 * payload) + codes
+        casts = min(1 << 18, fmt.padded(250_000)) * 4
+        expected = 8 * 250_000 * 4 + staging + 2 * (2 * payload) + codes + casts
         assert averager.workspace_bytes == expected
         pointers = [b.wire.data_ptr() for b in averager.buckets]
         averager.average()

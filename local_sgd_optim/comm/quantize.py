@@ -55,6 +55,7 @@ from local_sgd_optim.comm.tensors import divide_
 
 __all__ = [
     "BLOCK",
+    "CAST_VALUES",
     "FORMATS",
     "REDUCTIONS",
     "QuantFormat",
@@ -66,6 +67,9 @@ __all__ = [
 ]
 
 BLOCK = 128  # values per scale
+# Values of the float32 buffer that codes are cast into, a slice at a time, before they are
+# added: small enough to stay in cache (1 MiB), large enough that the calls per slice cost little.
+CAST_VALUES = 1 << 18
 REDUCTIONS = ("auto", "all_gather", "reduce_scatter")
 # "auto" uses the reduce-scatter from this many ranks on (see choose_reduction).
 _REDUCE_SCATTER_FROM = 4
@@ -173,18 +177,32 @@ class QuantFormat:
         return unpacked, scales
 
     def dequantize(
-        self, records: Tensor, out: Tensor, codes: Tensor | None, accumulate: bool = False
+        self,
+        records: Tensor,
+        out: Tensor,
+        codes: Tensor | None,
+        casts: Tensor | None = None,
+        accumulate: bool = False,
     ) -> None:
         """``out`` (float32, whole blocks) becomes the values of ``records``, or gains them
-        with ``accumulate``."""
+        with ``accumulate``, for which ``casts`` is a float32 buffer (of
+        :data:`CAST_VALUES`, say) that the codes are cast into a slice at a time."""
         values, scales = self._codes(records, codes)
         rows = out.view(-1, self.block)
-        # Arithmetic that mixes int8 and float32 takes a slow path on CPU; a cast is fast.
-        if accumulate:
-            rows.addcmul_(values, scales)  # no buffer for the cast: slower than two passes
-        else:
+        # Arithmetic that mixes int8 and float32 takes a slow path on CPU (several times
+        # slower than a cast and the arithmetic in float32): cast first.
+        if not accumulate:
             rows.copy_(values)
             rows.mul_(scales)
+            return
+        assert casts is not None
+        step = casts.numel() // self.block
+        cast_rows = casts[: step * self.block].view(step, self.block)
+        for start in range(0, rows.shape[0], step):
+            end = min(start + step, rows.shape[0])
+            cast = cast_rows[: end - start]
+            cast.copy_(values[start:end])
+            rows[start:end].addcmul_(cast, scales[start:end])
 
 
 FORMATS = {"int8": QuantFormat("int8", 8), "int4": QuantFormat("int4", 4)}
@@ -258,12 +276,18 @@ def start_all_to_all(
 
 
 def gathered_mean(
-    fmt: QuantFormat, received: Tensor, world_size: int, out: Tensor, codes: Tensor | None
+    fmt: QuantFormat,
+    received: Tensor,
+    world_size: int,
+    out: Tensor,
+    codes: Tensor | None,
+    casts: Tensor | None,
 ) -> None:
     """``out`` (float32, whole blocks) becomes the mean of the ``world_size`` payloads that lie
-    one after another in ``received``: dequantized and added in rank order, then divided."""
+    one after another in ``received``: dequantized and added in rank order, then divided
+    (``codes`` and ``casts``: see :meth:`QuantFormat.dequantize`)."""
     for r, payload in enumerate(received.view(world_size, -1)):
-        fmt.dequantize(payload, out, codes, accumulate=r > 0)
+        fmt.dequantize(payload, out, codes, casts, accumulate=r > 0)
     divide_(out, world_size)
 
 
@@ -274,9 +298,10 @@ def reduce_share(
     share: Tensor,
     work: Tensor,
     codes: Tensor | None,
+    casts: Tensor | None,
 ) -> None:
     """The reduce-scatter's middle: this rank's share from every rank (``received``) becomes
     their mean, requantized into ``share``. ``work`` is float32 of at least a share's values."""
     values = work[: share.numel() // fmt.record_bytes * fmt.block]
-    gathered_mean(fmt, received, world_size, values, codes)
+    gathered_mean(fmt, received, world_size, values, codes, casts)
     fmt.quantize_(values, share, codes)
