@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from local_sgd_optim import LocalSGDOptimizer
 from local_sgd_optim.averaging import BucketedAverager
-from local_sgd_optim.comm.quantize import FORMATS
+from local_sgd_optim.comm.quantize import FORMATS, choose_reduction
 from local_sgd_optim.settings import Settings
 
 KIB = 1 / 1024  # bucket_cap_mb for a bucket of 1 KiB
@@ -488,3 +488,8 @@ def test_quantized_reduction_is_checked() -> None:
             params, None, comm_dtype="int8", overlap=True, quantized_reduction="reduce_scatter"
         )
     assert BucketedAverager(params, None, comm_dtype="int4", overlap=True).reduction == "all_gather"
+    # "auto": the all-gather on 2 ranks (the same bytes, one collective), the reduce-scatter
+    # from 3 on (fewer bytes), the all-gather again with overlap (one collective in flight).
+    assert choose_reduction("auto", 2, overlap=False) == "all_gather"
+    assert choose_reduction("auto", 3, overlap=False) == "reduce_scatter"
+    assert choose_reduction("auto", 8, overlap=True) == "all_gather"

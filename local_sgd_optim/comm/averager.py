@@ -114,8 +114,8 @@ class BucketedAverager:
             buffers copied from the first rank), folded into the plan that every rank's
             header compares (default: ``""``).
         quantized_reduction (str): how quantized deltas are averaged: ``"all_gather"``,
-            ``"reduce_scatter"`` (not with ``overlap``), or ``"auto"``: the all-gather below 4
-            ranks and with ``overlap``, the reduce-scatter from 4 ranks on (default:
+            ``"reduce_scatter"`` (not with ``overlap``), or ``"auto"``: the all-gather on 2
+            ranks and with ``overlap``, the reduce-scatter from 3 ranks on (default:
             ``"auto"``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
