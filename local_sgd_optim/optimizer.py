@@ -146,8 +146,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         enabled (bool): ``False`` makes the wrapper behave exactly like ``base_optimizer``, with
             accumulation still applied (default: ``True``).
         bucket_cap_mb (float): size of a communication bucket in MiB (default: 25).
-        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
-            16-bit deltas; ``None`` sends full precision (default: ``None``).
+        comm_dtype (torch.dtype or str, optional): ``torch.bfloat16`` or ``torch.float16`` to
+            send 16-bit deltas, ``"int8"`` or ``"int4"`` to send 8- or 4-bit ones (a float32
+            scale per 128 values, summed in float32 so that every rank ends bitwise identical;
+            ``docs/communication.md``); ``None`` sends full precision (default: ``None``).
         overlap_steps (int): apply each round this many optimizer steps after it starts, with
             the communication running behind those steps; ``0`` blocks at the boundary; must be
             smaller than ``period`` (default: 0).
@@ -199,7 +201,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
             FSDP1 ``FullyShardedDataParallel``, or a flag is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer,
-            ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not a 16-bit float type,
+            ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not one of the formats,
             ``overlap_steps`` is negative or not below ``period``, ``on_nonfinite`` is neither
             ``"raise"`` nor ``"skip"``, ``base_optimizer`` holds parameters that are not in
             ``model``, ``base_optimizer`` is already wrapped by an open
@@ -240,7 +242,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         broadcast_initial: bool = True,
         enabled: bool = True,
         bucket_cap_mb: float = 25.0,
-        comm_dtype: torch.dtype | None = None,
+        comm_dtype: torch.dtype | str | None = None,
         overlap_steps: int = 0,
         on_nonfinite: str = "raise",
         warmup_steps: int = 0,
@@ -441,7 +443,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     @property
     def comm_dtype(self) -> torch.dtype | str | None:
-        """The 16-bit type deltas travel in, or ``None`` for full precision."""
+        """The format deltas travel in (``torch.bfloat16``, ``torch.float16``, ``"int8"``,
+        ``"int4"``), or ``None`` for full precision."""
         return self._settings.comm_dtype
 
     @property
@@ -839,7 +842,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         """The base optimizer's state dict plus a ``"local_sgd"`` entry: counters and settings.
 
         Each rank's optimizer state (momentum, Adam moments) differs between rounds: save each
-        rank's own to resume exactly. With a 16-bit ``comm_dtype`` the entry also holds the
+        rank's own to resume exactly. With a ``comm_dtype`` the entry also holds the
         full-precision copy of the last round's values (``"anchor"``), and with
         ``overlap_steps`` a round in flight is waited for (no new collective) and saved as
         ``"pending"``, to be applied on schedule after loading. Everything is tensors and plain
