@@ -953,4 +953,6 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         # The interval to the next step is timed from here, so a resumed run times as many
         # steps as an uninterrupted one.
         self._last_step = (time.perf_counter(), self._stats.round_seconds)
+        if self._ownership.closed:  # close() let go of the buffers a round in flight needs
+            self._rounds.rebuild_released()
         load_round_state(entry, changed, self._rounds.averager, self._rounds.local_averager)

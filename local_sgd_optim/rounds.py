@@ -382,6 +382,12 @@ class Rounds:
             tensors[state_entry.OUTER] = self.outer.state_dict()
         return tensors
 
+    def rebuild_released(self) -> None:
+        """After :meth:`release_buffers`: build the averagers again at once (their anchors
+        taken over), for a closed wrapper reopened by a load that brings a round in flight."""
+        if self.communicates and self._plan_key is None and self.averager is not None:
+            self._build_averagers(self.tracked())
+
     def release_buffers(self) -> None:
         """Let go of the averagers' buffers and async work, keeping what :meth:`state_tensors`
         reads (the anchors, the outer optimizer's copy and state). A wrapper reopened by

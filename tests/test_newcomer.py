@@ -337,6 +337,8 @@ def _close_releases(name: str) -> dict[str, Any]:
     _steps(model, opt, 0, 9)
     held_before, works_before = _held(opt)
     in_flight_before = opt._rounds.in_flight
+    before_close = (io.BytesIO(), {k: v.clone() for k, v in model.state_dict().items()})
+    torch.save(opt.state_dict(), before_close[0])  # with overlap: a round in flight
     opt.close()
     held_after, works_after = _held(opt)
     workspace = _workspace_beyond_anchors(opt)
@@ -358,10 +360,23 @@ def _close_releases(name: str) -> dict[str, Any]:
     _steps(resumed_model, resumed, 9, 16)
     resumed.close()
 
+    # The checkpoint taken before close(), a round in flight in it with overlap, loaded into
+    # the closed wrapper: it continues as if close() had never run.
+    model.load_state_dict(before_close[1])
+    opt.load_state_dict(torch.load(io.BytesIO(before_close[0].getvalue()), weights_only=True))
+    _steps(model, opt, 9, 16)
+    opt.close()
+    back_before_close = _state(model, opt)
+
+    model.load_state_dict(model_state)
     opt.load_state_dict(loaded())  # reopens the closed wrapper: it re-plans at its next round
     _steps(model, opt, 9, 16)
     opt.close()
 
+    reference_model, reference = _built(name)
+    _steps(reference_model, reference, 0, 16)
+    reference.close()
+    uninterrupted = _state(reference_model, reference)
     reference_model, reference = _built(name)
     _steps(reference_model, reference, 0, 9)
     reference.average()
@@ -379,6 +394,7 @@ def _close_releases(name: str) -> dict[str, Any]:
         "global model": global_model,
         "resumed exactly": torch.equal(_state(resumed_model, resumed), expected),
         "reopened exactly": torch.equal(_state(model, opt), expected),
+        "reopened before close exactly": torch.equal(back_before_close, uninterrupted),
         "reopened rounds": opt.stats.rounds == reference.stats.rounds,
     }
 
@@ -411,4 +427,5 @@ def test_close_releases_buffers_and_work(ranks: Any, name: str) -> None:
         assert result["global model"], result
         # state_dict() after close() resumes exactly, in a new wrapper or the reopened one.
         assert result["resumed exactly"] and result["reopened exactly"], result
+        assert result["reopened before close exactly"], result
         assert result["reopened rounds"], result
