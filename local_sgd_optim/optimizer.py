@@ -188,7 +188,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             rounds average them in place, saving a copy in and a copy out per round; changes
             what ``state_dict()`` and pickling do (see above) (default: ``False``).
         fragments (int): streaming: cut the averaged tensors into this many runs of
-            consecutive layers (module order, balanced by size) and average fragment ``i`` at
+            consecutive layers (module order, equal sizes: a tensor a cut falls inside travels
+            in pieces) and average fragment ``i`` at
             step ``floor(period * (i + 1) / fragments)`` of each period, so that each round
             sends ``1 / fragments`` of the model and each fragment is still averaged every
             ``period`` steps (Streaming DiLoCo, https://arxiv.org/abs/2501.18512). With an
