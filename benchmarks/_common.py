@@ -84,6 +84,22 @@ def timed(fn: Callable[[], object], repeat: int = 1, barrier: bool = True) -> fl
     return (time.perf_counter() - start) / repeat
 
 
+def bytes_sent() -> int | None:
+    """Bytes this process has written so far (``wchar`` of ``/proc/self/io``, which counts
+    writes to sockets): during a timed loop of collectives, what this rank sent over the link.
+    Checked on gloo: an all-reduce of 4 MB adds 4.0 MB on each of 2 ranks and 6.0 MB on each of
+    4, an all-gather of 4 MB from each of 4 ranks adds 12.0 MB. ``None`` where the file does
+    not exist (not Linux)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("wchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; numbers right-aligned."""
     align = [

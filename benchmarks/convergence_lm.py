@@ -337,6 +337,7 @@ def published_configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss_std": statistics.stdev(loss) if len(loss) > 1 else 0.0,
                 "bytes": max(r["bytes"] for r in rs),
                 "rounds": rs[0]["rounds"],
+                "peak_step_bytes": rs[0].get("peak_step_bytes"),
                 "seconds": statistics.mean(r["seconds"] for r in rs),
                 "curve_steps": [p[0] for p in curves[0]],
                 "curve_loss": [
@@ -390,19 +391,73 @@ def published_table(configs: list[dict[str, Any]]) -> str:
     ddp = _ddp(configs)
     lines = [
         "| method | M | inner lr | outer lr / momentum | seeds | held-out loss, nats/byte "
-        "(mean ± std) | vs DDP | bytes per rank | DDP bytes / ours | rounds | wall s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "(mean ± std) | vs DDP | bytes per rank | DDP bytes / ours | peak bytes a step | "
+        "rounds | wall s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in best(configs):
         vs = _vs(c, ddp)
         diff = f"{100 * vs:+.2f}%" if vs is not None else "n/a"
         ratio = f"{ddp['bytes'] / c['bytes']:.1f}x" if ddp and c["bytes"] else "none sent"
+        peak = "-" if c.get("peak_step_bytes") is None else f"{c['peak_step_bytes']:,}"
         lines.append(
             f"| {c['label']} | {c['replicas']} | {c['lr']:g} | {_outer(c['method'])} | "
             f"{c['seeds']} | {c['loss_mean']:.4f} ± {c['loss_std']:.4f} | {diff} | "
-            f"{c['bytes']:,} | {ratio} | {c['rounds']} | {c['seconds']:.0f} |"
+            f"{c['bytes']:,} | {ratio} | {peak} | {c['rounds']} | {c['seconds']:.0f} |"
         )
     return "\n".join(lines)
+
+
+# Fewer bits and lower peaks, against full-precision DiLoCo at the same settings and seeds:
+# (suffix, largest held-out loss difference, largest bytes ratio, smallest peak reduction).
+COMPRESSION_TARGETS = (
+    ("int8", 0.002, 0.27, None),
+    ("int4", 0.005, 0.14, None),
+    ("F=4", 0.005, None, 4.0),
+)
+
+
+def compression_targets(configs: list[dict[str, Any]]) -> list[str]:
+    """8-bit, 4-bit and fragmented DiLoCo at M = 2 against full-precision DiLoCo with the same
+    outer settings, inner lr and seeds: held-out loss, bytes and peak bytes a step."""
+    lines = []
+    for suffix, loss_limit, bytes_limit, peak_limit in COMPRESSION_TARGETS:
+        runs = [c for c in configs if c["replicas"] == 2 and c["label"] == f"DiLoCo H=32 {suffix}"]
+        pairs = []
+        for c in runs:
+            plain = c["method"][: -len(suffix)].strip()
+            pairs += [
+                (c, b)
+                for b in configs
+                if b["method"] == plain and b["replicas"] == 2 and b["lr"] == c["lr"]
+            ]
+        if not pairs:
+            lines.append(f"- DiLoCo H=32 {suffix} and its full-precision run at M=2: not run")
+            continue
+        c, base = max(pairs, key=lambda p: len(set(p[0]["by_seed"]) & set(p[1]["by_seed"])))
+        seeds = sorted(set(c["by_seed"]) & set(base["by_seed"]))
+        ours = statistics.mean(c["by_seed"][s] for s in seeds)
+        theirs = statistics.mean(base["by_seed"][s] for s in seeds)
+        gap = ours / theirs - 1
+        checks = [gap <= loss_limit]
+        parts = [f"{100 * gap:+.2f}% held-out loss (at most +{100 * loss_limit:g}%)"]
+        if bytes_limit is not None:
+            ratio = c["bytes"] / base["bytes"]
+            checks.append(ratio <= bytes_limit)
+            parts.append(f"{ratio:.3f}x the bytes (at most {bytes_limit:g}x)")
+        if peak_limit is not None and c.get("peak_step_bytes"):
+            # Runs saved before the peak was recorded: every round of an unfragmented run
+            # sends the same bytes, so its peak is bytes per round.
+            base_peak = base.get("peak_step_bytes") or base["bytes"] // base["rounds"]
+            lower = base_peak / c["peak_step_bytes"]
+            checks.append(lower >= peak_limit)
+            parts.append(f"peak bytes a step {lower:.2f}x lower (at least {peak_limit:g}x)")
+        verdict = "met" if all(checks) else "MISSED"
+        lines.append(
+            f"- {c['method']} against {base['method']}, M=2, seeds {seeds}: {verdict} "
+            f"({'; '.join(parts)})"
+        )
+    return lines
 
 
 def published_sweep(configs: list[dict[str, Any]]) -> str:
@@ -477,7 +532,7 @@ def show_published(saved: dict[str, Any], png: str | None) -> None:
     configs = published_configs(saved["runs"])
     print(describe_published(saved["setting"]) + "\n")
     print(published_table(configs) + "\n")
-    print("\n".join(published_targets(configs)) + "\n")
+    print("\n".join(published_targets(configs) + compression_targets(configs)) + "\n")
     print(published_sweep(configs))
     if png is not None:
         rows = [c | {"method": f"{c['label']}, M={c['replicas']}"} for c in best(configs)]

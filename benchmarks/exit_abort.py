@@ -11,7 +11,9 @@ a few rounds, closes the optimizer, and then ends the way the variant says:
 
 A run is unclean when a rank's exit status is not 0 (SIGABRT is -6) or its stderr holds
 "terminate called". The training itself must succeed in every run (each rank prints ``ok``); a
-run where it does not is counted apart, as a failure of the job rather than of its exit.
+run where it does not is counted apart, as a failure of the job rather than of its exit. Both
+variants end with ``close()``, so both include what ``close()`` lets go of; the table's first
+line names the machine, Python and torch, for quoting the figures.
 
 Run it (3 to 10 s per job on 2 shared cores)::
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -66,6 +69,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _machine() -> str:
+    """The CPU, core count, Python and torch this runs on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    python = platform.python_version()
+    return f"{cpu}, {os.cpu_count()} cores; Python {python}, torch {torch.__version__}, gloo"
 
 
 def run_once(variant: str, script: str, timeout: float) -> str:
@@ -130,6 +147,7 @@ def main() -> None:
                 flush=True,
             )
         print(file=sys.stderr)
+    print(_machine())
     print(f"{'variant':<8} {'runs':>5} {'unclean exits':>14} {'failed jobs':>12}")
     for variant, c in counts.items():
         total = sum(c.values())

@@ -15,13 +15,20 @@ leave them out):
   (``parameters_as_bucket_view=True``: the all-reduce runs on the parameters' own memory); and
   the fp32 round through ``LocalSGDOptimizer(..., average_buffers=False).average()``, both
   ways;
+- ours int8 and int4 (``comm_dtype="int8"``/``"int4"``), through each of the two reductions of
+  quantized deltas (``quantized_reduction="all_gather"`` and ``"reduce_scatter"``), parameters
+  in their own memory;
 - the floor.
 
 Methods run interleaved, in a rotated order each repeat; a repeat times ``--rounds`` rounds back
-to back; the table shows medians over repeats. Run on 2 ranks (about a minute on 2 cores)::
+to back; the table shows medians over repeats, and the bytes one rank sent per round (what it
+wrote to its sockets, from ``/proc/self/io``: headers and every step of a collective included),
+also against the floor's. Run on 2 ranks (about a minute and a half on 2 cores), or 4::
 
     torchrun --standalone --nproc_per_node 2 benchmarks/round_cost.py
     torchrun --standalone --nproc_per_node 2 benchmarks/round_cost.py --repeats 11 --rounds 10
+    torchrun --standalone --nproc_per_node 4 benchmarks/round_cost.py --models resnet18
+    torchrun --standalone --nproc_per_node 2 benchmarks/round_cost.py --only int8,int4
 """
 
 from __future__ import annotations
@@ -78,14 +85,19 @@ def average_parameters_round(model: nn.Module) -> Callable[[], None]:
 
 
 def ours_round(
-    model: nn.Module, comm_dtype: torch.dtype | None, in_place: bool
+    model: nn.Module,
+    comm_dtype: torch.dtype | str | None,
+    in_place: bool,
+    reduction: str = "auto",
 ) -> Callable[[], object]:
     """Our averager; ``in_place``: parameters placed in bucket storage first, as
-    ``LocalSGDOptimizer(..., parameters_as_bucket_view=True)`` does."""
+    ``LocalSGDOptimizer(..., parameters_as_bucket_view=True)`` does; ``reduction``: of
+    quantized deltas."""
     params = [p for p in model.parameters() if p.requires_grad]
     if in_place:
         Residence(params, list(model.parameters()))
-    return BucketedAverager(params, None, comm_dtype=comm_dtype).average
+    averager = BucketedAverager(params, None, comm_dtype=comm_dtype, quantized_reduction=reduction)
+    return averager.average
 
 
 def floor_round(model: nn.Module) -> Callable[[], None]:
@@ -97,10 +109,12 @@ def floor_round(model: nn.Module) -> Callable[[], None]:
     return run
 
 
-def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object]]:
+def measure(
+    name: str, repeats: int, rounds: int, rank: int, only: list[str] | None = None
+) -> list[list[object]]:
     torch.manual_seed(0)
     base = _common.MODELS[name]()
-    methods: dict[str, Callable[[], None]] = {}
+    methods: dict[str, Callable[[], object]] = {}
     label, fn = per_tensor_round(copy.deepcopy(base))
     methods[label] = fn
     methods["torch `average_parameters`"] = average_parameters_round(copy.deepcopy(base))
@@ -108,6 +122,11 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
         methods[f"ours {label}"] = ours_round(copy.deepcopy(base), dtype, in_place=False)
         placed = ours_round(copy.deepcopy(base), dtype, in_place=True)
         methods[f"ours {label}, `parameters_as_bucket_view=True`"] = placed
+    for quantized in ("int8", "int4"):
+        for reduction in ("all_gather", "reduce_scatter"):
+            methods[f"ours {quantized}, {reduction}"] = ours_round(
+                copy.deepcopy(base), quantized, in_place=False, reduction=reduction
+            )
     # The same round through the optimizer: what a training loop pays at a period boundary.
     for placed_too in (False, True):
         model = copy.deepcopy(base)
@@ -121,19 +140,28 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
         )
         suffix = ", `parameters_as_bucket_view=True`" if placed_too else ""
         methods[f"ours fp32, `LocalSGDOptimizer.average()`{suffix}"] = opt.average
+    if only:
+        methods = {n: fn for n, fn in methods.items() if any(part in n for part in only)}
     methods["floor: one all-reduce of a flat fp32 buffer"] = floor_round(base)
 
     names = list(methods)
-    for fn in methods.values():  # first-round allocations are not what we measure
-        fn()
+    for method in methods.values():  # first-round allocations are not measured
+        method()
     times: dict[str, list[float]] = {n: [] for n in names}
+    sent: dict[str, int] = dict.fromkeys(names, 0)
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
+            before = _common.bytes_sent()
             times[n].append(_common.timed(methods[n], rounds))
+            after = _common.bytes_sent()
+            if before is not None and after is not None:
+                sent[n] += after - before
     # Every rank's clock saw the same rounds; rank 0's medians are the table.
     medians = {n: _common.median(t) for n, t in times.items()}
     floor = medians[names[-1]]
+    per_round = {n: sent[n] / (repeats * rounds) for n in names}
+    floor_bytes = per_round[names[-1]] or 1.0
     model = _common.MODELS[name]()
     tensors = sum(1 for p in model.parameters() if p.requires_grad)
     numel = _common.averaged_numel(model, buffers=False)
@@ -145,6 +173,8 @@ def measure(name: str, repeats: int, rounds: int, rank: int) -> list[list[object
                 n,
                 medians[n] * 1e3,
                 medians[n] / floor,
+                per_round[n] / 1e6,
+                per_round[n] / floor_bytes,
             ]
         )
     del rank
@@ -157,17 +187,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per method")
     parser.add_argument("--rounds", type=int, default=10, help="rounds timed per repeat")
     parser.add_argument("--link", default="loopback, uncapped", help="for the table's title")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated parts of method names to keep, e.g. 'int8,int4' (the floor stays)",
+    )
     args = parser.parse_args()
     rank, world = _common.init_distributed()
+    only = [part for part in args.only.split(",") if part]
     rows: list[list[object]] = []
     for name in args.models.split(","):
-        rows += measure(name, args.repeats, args.rounds, rank)
+        rows += measure(name, args.repeats, args.rounds, rank, only)
     if rank == 0:
         print(
             f"Averaging round, {world} ranks, gloo, {args.link}; median of {args.repeats} "
             f"interleaved repeats of {args.rounds} rounds; ratio to the floor (lower is better)\n"
         )
-        print(_common.markdown_table(["model", "method", "ms per round", "x floor"], rows))
+        headers = ["model", "method", "ms per round", "x floor", "MB sent by rank 0", "x floor"]
+        print(_common.markdown_table(headers, rows))
         print(f"machine: {_common.machine()}")
     _common.shutdown()
 

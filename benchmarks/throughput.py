@@ -9,8 +9,9 @@ the model and all in the same processes:
 - Accelerate ``LocalSGD`` (``Accelerator(cpu=True)``, ``local_sgd_steps=period``), if installed;
 - PyTorch ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` with DDP's
   ``post_localSGD_hook`` (gradients reduced within a one-rank subgroup, i.e. kept local);
-- ours: ``LocalSGDOptimizer`` fp32, bf16 (``comm_dtype``) and overlap (``overlap_steps``), the
-  last two where this checkout offers them;
+- ours: ``LocalSGDOptimizer`` fp32, bf16 (``comm_dtype``) and overlap (``overlap_steps``), and
+  8- and 4-bit deltas (``comm_dtype="int8"``/``"int4"``), the last also with 4 streaming
+  fragments and ``overlap_steps=1`` (``fragments=4``);
 - the floor all-reduce ``f``: one ``all_reduce`` of a preallocated flat fp32 buffer the size of
   what ours averages (parameters and BatchNorm statistics).
 
@@ -25,9 +26,19 @@ Over a 1 Gbit/s link (a network namespace, see DEVELOPERS.md; about 6 minutes)::
 
     bash benchmarks/run_link.sh --rate 1gbit -- benchmarks/throughput.py
 
+Over 100 Mbit/s (about 15 minutes; DDP takes seconds a step there)::
+
+    bash benchmarks/run_link.sh --rate 100mbit -- benchmarks/throughput.py --repeats 5 \
+        --link "100 Mbit/s, one shared capped link"
+
 Uncapped loopback (about 4 minutes)::
 
     torchrun --standalone --nproc_per_node 2 benchmarks/throughput.py
+
+The last lines print, for the 4-bit configurations, how long a period's 4-bit bytes take on this
+link (the fp32 all-reduce time ``f`` scaled by the bytes ``opt.stats`` counted per round) against
+a period's compute (``period * c``): overlap can only hide a round whose bytes take less time
+than the compute it travels behind.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ WARMUP_STEPS = 12  # a round at step 8 (and, with overlap 2, its landing at 10) 
 class Config:
     name: str
     step: Callable[[], None]
-    kind: str  # "none", "ddp", "anchor", "fp32", "bf16", "overlap", "bf16+overlap"
+    kind: str  # "none", "ddp", "anchor", "fp32", "bf16", "overlap", "bf16+overlap", "int8", ...
     close: Callable[[], None] = lambda: None
     optimizer: LocalSGDOptimizer | None = None  # ours, for opt.stats
 
@@ -159,6 +170,18 @@ def build_configs(base: nn.Module, trainer: Trainer, period: int, overlap: int) 
                 {"comm_dtype": torch.bfloat16, "overlap_steps": overlap},
             )
         )
+    variants += [
+        ("ours int8", "int8", {"comm_dtype": "int8"}),
+        ("ours int4", "int4", {"comm_dtype": "int4"}),
+    ]
+    if period % 4 == 0 and period >= 8:
+        variants.append(
+            (
+                "ours int4, 4 fragments, overlap 1",
+                "int4+fragments+overlap",
+                {"comm_dtype": "int4", "fragments": 4, "overlap_steps": 1},
+            )
+        )
     for name, kind, kwargs in variants:
         model = copy.deepcopy(base)
         opt = LocalSGDOptimizer(_sgd(model), model, period, **kwargs)  # type: ignore[arg-type]
@@ -225,10 +248,12 @@ def main() -> None:
                 file=sys.stderr,
             )
     stats_lines = []
+    sent_per_round: dict[str, float] = {}  # in the timed windows, from opt.stats
     for config in configs:
         now, then = _stats(config), after_warmup[config.name]
         if now is not None and then is not None and now[0] > then[0]:
             rounds, sent, waited = (a - b for a, b in zip(now, then))
+            sent_per_round[config.name] = sent / rounds
             stats_lines.append(
                 f"{config.name}: {rounds:.0f} timed rounds, {sent / rounds / 1e6:.1f} MB sent "
                 f"and {waited / rounds * 1e3:.0f} ms waiting on communication per round "
@@ -320,6 +345,19 @@ def main() -> None:
         )
         for line in stats_lines:
             print(line)
+        for config in configs:
+            if config.kind.startswith("int4") and config.name in sent_per_round:
+                # The 4-bit bytes of one period (a round per fragment) against the fp32
+                # all-reduce of the model, both the payload this rank hands over.
+                assert config.optimizer is not None
+                per_period = sent_per_round[config.name] * config.optimizer.fragments
+                link_s = f * per_period / model_bytes
+                print(
+                    f"{config.name}: a period's 4-bit bytes ({per_period / 1e6:.2f} MB) take "
+                    f"{link_s:.2f} s on this link (f scaled by bytes); a period's compute "
+                    f"takes {args.period * c:.2f} s: "
+                    f"{'less' if link_s < args.period * c else 'more'} than the compute"
+                )
         print(f"machine: {_common.machine()}")
     _common.shutdown()
 

@@ -155,10 +155,10 @@ class Clock:
         if self.fragments == 1:
             return None
         now = self.optimizer_steps
+        if now == self.last_whole_round_step:  # no step since every fragment was averaged
+            return []
         if not self.averaging_rounds or self.last_round_step != now:
             return list(range(self.fragments))
-        if self.last_whole_round_step == now:
-            return []
         offsets = fragment_offsets(self.next_round_step - self.period_start, self.fragments)
         into = now - self.period_start
         # into == 0: the period's last fragment ended the period that just rolled over.

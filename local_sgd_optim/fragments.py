@@ -8,8 +8,9 @@ sends drops by ``F``, while each fragment is still averaged once every ``period`
 offsets are torchft's (``floor(period * (i + 1) / F)`` steps after the period starts), so the
 last fragment is averaged at the period's end, where an unfragmented round would be.
 
-:func:`split_into_fragments` cuts by module order (a fragment is a run of consecutive layers,
-its buffers with it), balanced by element count. :class:`FragmentedAverager` holds one
+:func:`plan_fragments` cuts by module order (a fragment is a run of consecutive layers, its
+buffers with it) into fragments of equal size, a tensor that a cut falls inside in pieces.
+:class:`FragmentedAverager` holds one
 :class:`~local_sgd_optim.comm.averager.BucketedAverager` per fragment, each with its own
 header, anchors and round in flight, behind the interface of a single averager: a round of the
 whole model (``average()``, ``close()``) averages every fragment; ``fragment=i`` averages one.
@@ -19,6 +20,8 @@ optimizer steps each fragment with that fragment's own pseudo-gradient.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -30,11 +33,12 @@ from local_sgd_optim.comm.buckets import Bucket
 from local_sgd_optim.comm.overlap import Piece
 
 __all__ = [
+    "FragmentPlan",
     "FragmentedAverager",
     "check_fragments",
     "fragment_offsets",
+    "plan_fragments",
     "smallest_gap",
-    "split_into_fragments",
 ]
 
 
@@ -80,51 +84,95 @@ def check_fragments(count: int, period: object, overlap_steps: int) -> None:
         )
 
 
-def split_into_fragments(
-    numels: Sequence[int], positions: Sequence[int], count: int
-) -> list[list[int]]:
-    """Indices of tensors, cut into ``count`` runs of consecutive positions (module order).
+@dataclasses.dataclass
+class FragmentPlan:
+    """What rounds average, cut into fragments.
 
     Args:
-        numels (Sequence[int]): each tensor's element count.
-        positions (Sequence[int]): each tensor's place in module order (ties keep list order).
-        count (int): the number of fragments.
+        tensors (list of Tensor): the averaged tensors, a tensor that a cut falls inside as two
+            or more flat views of its pieces: the parameters' first (in order), then the
+            buffers'.
+        outer_count (int): how many of ``tensors`` are pieces of parameters (an outer
+            optimizer's sources).
+        fragments (list of list of int): the indices into ``tensors`` of each fragment.
+        origins (list of (int, int, int)): for each of ``tensors``, the index of the tensor it
+            is a piece of (parameters then buffers) and where the piece starts and stops in
+            that tensor's flat view.
+    """
 
-    Returns:
-        For each fragment, the indices of its tensors in module order; each fragment holds
-        whole tensors, and cuts fall where the running element count first reaches
-        ``k / count`` of the total.
+    tensors: list[Tensor]
+    outer_count: int
+    fragments: list[list[int]]
+    origins: list[tuple[int, int, int]]
+
+
+def plan_fragments(
+    parameters: Sequence[Tensor],
+    buffers: Sequence[Tensor],
+    positions: Sequence[int],
+    count: int,
+) -> FragmentPlan:
+    """Cut the averaged tensors into ``count`` fragments of equal size in module order.
+
+    The tensors are laid end to end in module order (``positions``: each tensor's place,
+    parameters then buffers; ties keep list order) and cut every ``1 / count`` of their
+    elements, so every fragment holds the same number of elements to within one and a round
+    of one sends ``1 / count`` of the bytes. A contiguous tensor that a cut falls inside
+    travels as flat views of its pieces, each in its fragment; a non-contiguous one stays
+    whole, in the fragment where it starts. With ``count == 1`` nothing is cut.
 
     Raises:
-        ValueError: fewer non-empty tensors than fragments.
+        ValueError: fewer elements than fragments, or a fragment left empty by a large
+            non-contiguous tensor.
 
     Example::
 
-        >>> split_into_fragments([4, 4, 4, 4], [0, 1, 2, 3], 2)
-        [[0, 1], [2, 3]]
+        >>> plan = plan_fragments([torch.zeros(6), torch.zeros(2)], [], [0, 1], 2)
+        >>> [[t.numel() for t in (plan.tensors[i] for i in f)] for f in plan.fragments]
+        [[4], [2, 2]]
     """
-    order = sorted(range(len(numels)), key=lambda i: (positions[i], i))
-    order = [i for i in order if numels[i] > 0]
-    if len(order) < count:
+    everything = [*parameters, *buffers]
+    if count == 1:
+        uncut = [(i, 0, t.numel()) for i, t in enumerate(everything)]
+        return FragmentPlan(everything, len(parameters), [list(range(len(everything)))], uncut)
+    order = sorted(range(len(everything)), key=lambda i: (positions[i], i))
+    total = sum(t.numel() for t in everything)
+    if total < count:
         raise ValueError(
-            f"fragments={count} needs at least {count} averaged tensors to cut whole tensors "
-            f"into fragments, but the model has {len(order)}; use fragments={max(1, len(order))} "
-            "or fewer"
+            f"fragments={count} needs at least {count} averaged values, the model has {total}"
         )
-    total = sum(numels[i] for i in order)
+    cuts = [total * k // count for k in range(1, count)]
+    # For each tensor, its pieces as (start, stop, fragment), in element order.
+    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    offset = 0
+    for i in order:
+        numel = everything[i].numel()
+        if numel == 0:
+            continue
+        inside = [c - offset for c in cuts if offset < c < offset + numel]
+        bounds = [0, *inside, numel] if everything[i].is_contiguous() else [0, numel]
+        pieces[i] = [
+            (a, b, bisect.bisect_right(cuts, offset + a)) for a, b in zip(bounds, bounds[1:])
+        ]
+        offset += numel
+    tensors: list[Tensor] = []
+    origins: list[tuple[int, int, int]] = []
     fragments: list[list[int]] = [[] for _ in range(count)]
-    filled = 0
-    k = 0
-    for position, i in enumerate(order):
-        # The next fragment starts once this one holds its share, or when the tensors left
-        # are just enough to give each fragment still to come one.
-        left = len(order) - position
-        full = filled * count >= total * (k + 1) or left <= count - 1 - k
-        if fragments[k] and k < count - 1 and full:
-            k += 1
-        fragments[k].append(i)
-        filled += numels[i]
-    return fragments
+    outer_count = 0
+    for i, tensor in enumerate(everything):
+        whole = len(pieces.get(i, [])) <= 1
+        for a, b, k in pieces.get(i, [(0, 0, 0)]):
+            fragments[k].append(len(tensors))
+            tensors.append(tensor if whole else tensor.detach().view(-1)[a:b])
+            origins.append((i, a, b))
+        if i < len(parameters):
+            outer_count = len(tensors)
+    if not all(fragments):
+        raise ValueError(
+            f"fragments={count} leaves a fragment empty: a non-contiguous tensor larger than "
+            f"1/{count} of the model cannot be cut; use fewer fragments"
+        )
+    return FragmentPlan(tensors, outer_count, [sorted(f) for f in fragments], origins)
 
 
 class FragmentedAverager:
@@ -134,14 +182,15 @@ class FragmentedAverager:
     Args:
         tensors (Sequence[Tensor]): every tensor to average (indices refer to this list).
         fragments (Sequence[Sequence[int]]): the indices of each fragment's tensors
-            (:func:`split_into_fragments`; one fragment of every index for a whole-model round).
+            (:func:`plan_fragments`; one fragment of every index for a whole-model round).
         build (Callable[[list[Tensor], int], BucketedAverager]): builds the averager of a
             fragment's tensors (its index is the second argument).
 
     Example::
 
-        >>> parts = split_into_fragments([p.numel() for p in params], range(len(params)), 4)
-        >>> averager = FragmentedAverager(params, parts, lambda ts, _: BucketedAverager(ts, None))
+        >>> plan = plan_fragments(params, [], range(len(params)), 4)
+        >>> build = lambda ts, _: BucketedAverager(ts, None)
+        >>> averager = FragmentedAverager(plan.tensors, plan.fragments, build)
         >>> averager.average(step=8, fragment=0)  # the first fragment only
         >>> averager.average(step=8)  # every fragment
     """
@@ -260,12 +309,6 @@ class FragmentedAverager:
                 piece.index = self.fragments[k][piece.index]
                 pieces.append(piece)
         return pieces
-
-    def indices(self, fragment: int | Sequence[int] | None) -> list[int] | None:
-        """The full-list indices of the chosen fragments' tensors (``None``: every one)."""
-        if fragment is None:
-            return None
-        return [i for k in self._chosen(fragment) for i in self.fragments[k]]
 
     def set_contributors(self, count: int) -> None:
         """The next rounds' mean is over ``count`` ranks: the others join them without

@@ -147,8 +147,10 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         enabled (bool): ``False`` makes the wrapper behave exactly like ``base_optimizer``, with
             accumulation still applied (default: ``True``).
         bucket_cap_mb (float): size of a communication bucket in MiB (default: 25).
-        comm_dtype (torch.dtype, optional): ``torch.bfloat16`` or ``torch.float16`` to send
-            16-bit deltas; ``None`` sends full precision (default: ``None``).
+        comm_dtype (torch.dtype or str, optional): ``torch.bfloat16`` or ``torch.float16`` to
+            send 16-bit deltas, ``"int8"`` or ``"int4"`` to send 8- or 4-bit ones (a float32
+            scale per 128 values, summed in float32 so that every rank ends bitwise identical;
+            ``docs/communication.md``); ``None`` sends full precision (default: ``None``).
         overlap_steps (int): apply each round this many optimizer steps after it starts, with
             the communication running behind those steps; ``0`` blocks at the boundary; must be
             smaller than ``period`` (default: 0).
@@ -187,7 +189,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             rounds average them in place, saving a copy in and a copy out per round; changes
             what ``state_dict()`` and pickling do (see above) (default: ``False``).
         fragments (int): streaming: cut the averaged tensors into this many runs of
-            consecutive layers (module order, balanced by size) and average fragment ``i`` at
+            consecutive layers (module order, equal sizes: a tensor a cut falls inside travels
+            in pieces) and average fragment ``i`` at
             step ``floor(period * (i + 1) / fragments)`` of each period, so that each round
             sends ``1 / fragments`` of the model and each fragment is still averaged every
             ``period`` steps (Streaming DiLoCo, https://arxiv.org/abs/2501.18512). With an
@@ -212,7 +215,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         TypeError: ``base_optimizer`` is not an optimizer, ``model`` is not a module or is an
             FSDP1 ``FullyShardedDataParallel``, or a flag is not a bool.
         ValueError: ``period`` or ``accumulation_steps`` is not a positive integer,
-            ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not a 16-bit float type,
+            ``bucket_cap_mb`` is not positive, ``comm_dtype`` is not one of the formats,
             ``overlap_steps`` is negative or not below ``period``, ``on_nonfinite`` is neither
             ``"raise"`` nor ``"skip"``, ``base_optimizer`` holds parameters that are not in
             ``model``, ``base_optimizer`` is already wrapped by an open
@@ -256,7 +259,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         broadcast_initial: bool = True,
         enabled: bool = True,
         bucket_cap_mb: float = 25.0,
-        comm_dtype: torch.dtype | None = None,
+        comm_dtype: torch.dtype | str | None = None,
         overlap_steps: int = 0,
         on_nonfinite: str = "raise",
         warmup_steps: int = 0,
@@ -475,7 +478,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
 
     @property
     def comm_dtype(self) -> torch.dtype | str | None:
-        """The 16-bit type deltas travel in, or ``None`` for full precision."""
+        """The format deltas travel in (``torch.bfloat16``, ``torch.float16``, ``"int8"``,
+        ``"int4"``), or ``None`` for full precision."""
         return self._settings.comm_dtype
 
     @property
@@ -827,6 +831,8 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         """End training: a final averaging round, unless no optimizer step happened since the last.
 
         Idempotent. Afterwards every rank holds the same parameters and ``step()`` raises.
+        The wrapper then lets go of its rounds' buffers and async work; :meth:`state_dict`
+        still holds everything an exact resume needs.
 
         The ranks first agree, in the small header collective, on whether a round is due: a
         rank that took one step more than the others (uneven data, say) would otherwise wait
@@ -863,6 +869,11 @@ class LocalSGDOptimizer(DelegatingOptimizer):
             # round after it is what makes the ranks identical.
             self._round(kind="close()")
         self._rounds.release()  # each tensor in memory of its own again
+        # No async work, wire or staging buffer outlives training (the anchors and the outer
+        # state stay for state_dict()); the warm-up pool grows back if a load reopens warm-up.
+        self._rounds.release_buffers()
+        if self._gradient_averager is not None:
+            self._gradient_averager._pools.clear()
         self._ownership.closed = True
 
     def __enter__(self) -> LocalSGDOptimizer:
@@ -887,7 +898,7 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         """The base optimizer's state dict plus a ``"local_sgd"`` entry: counters and settings.
 
         Each rank's optimizer state (momentum, Adam moments) differs between rounds: save each
-        rank's own to resume exactly. With a 16-bit ``comm_dtype`` the entry also holds the
+        rank's own to resume exactly. With a ``comm_dtype`` the entry also holds the
         full-precision copy of the last round's values (``"anchor"``), and with
         ``overlap_steps`` a round in flight is waited for (no new collective) and saved as
         ``"pending"``, to be applied on schedule after loading. Everything is tensors and plain
@@ -998,4 +1009,6 @@ class LocalSGDOptimizer(DelegatingOptimizer):
         # The interval to the next step is timed from here, so a resumed run times as many
         # steps as an uninterrupted one.
         self._last_step = (time.perf_counter(), self._stats.round_seconds)
+        if self._ownership.closed:  # close() let go of the buffers a round in flight needs
+            self._rounds.rebuild_released()
         load_round_state(entry, changed, self._rounds.averager, self._rounds.local_averager)

@@ -25,7 +25,7 @@ from local_sgd_optim.comm.header import HeaderView, RoundHeader
 from local_sgd_optim.comm.resident import Residence
 from local_sgd_optim.comm.stats import CommStats
 from local_sgd_optim.comm.tensors import copy_all
-from local_sgd_optim.fragments import FragmentedAverager, split_into_fragments
+from local_sgd_optim.fragments import FragmentedAverager, FragmentPlan, plan_fragments
 from local_sgd_optim.outer import OuterOptimizer
 from local_sgd_optim.settings import Settings
 from local_sgd_optim.sharded import local_tensor
@@ -124,6 +124,7 @@ class Rounds:
         self.local_averager: BucketedAverager | None = None
         self._local_group: dist.ProcessGroup | None = None
         self._plan_key: tuple[object, ...] | None = None
+        self._plan: tuple[tuple[object, ...], FragmentPlan] | None = None
         self._residence: Residence | None = None
         self._share = Share(model, base_optimizer, extra_params)
         # The optimizer step after which a blocking round left every rank identical.
@@ -160,7 +161,7 @@ class Rounds:
     def build_outer(self) -> None:
         """Take the outer optimizer's kept copy from the parameters as they are now."""
         if self.outer is not None:
-            self.outer.build(outer_sources(self.tracked()))
+            self.outer.build(self._outer_sources(self.tracked()))
 
     def _build_averagers(self, entries: list[Tracked]) -> None:
         tensors = averaged_tensors(entries)
@@ -194,7 +195,8 @@ class Rounds:
         def build(part: list[Tensor], _: int) -> BucketedAverager:
             return BucketedAverager(part, self._process_group, overlap=overlap, also=also, **common)
 
-        self.averager = FragmentedAverager(tensors, self._fragments(entries, tensors), build)
+        plan = self._fragment_plan(entries)
+        self.averager = FragmentedAverager(plan.tensors, plan.fragments, build)
         if previous is not None:
             # The same layout in other memory (a buffer replaced at each forward): the last
             # round's values still hold, and the next round need not be full precision.
@@ -206,19 +208,43 @@ class Rounds:
                 self.local_averager.adopt(local_previous)
         self._plan_key = plan_key(entries)  # after placing: the memory the tensors have now
 
-    def _fragments(self, entries: list[Tracked], tensors: list[Tensor]) -> list[list[int]]:
-        """The indices of ``tensors`` in each fragment: one of all, or runs of layers in the
-        order of ``model.named_modules()``, each tensor with its module."""
+    def _fragment_plan(self, entries: list[Tracked]) -> FragmentPlan:
+        """The averaged tensors cut into fragments in the order of ``model.named_modules()``,
+        each tensor with its module (one fragment of all of them: nothing cut); kept until
+        the tensors change, so that its pieces stay the same objects round after round."""
+        key = plan_key(entries)
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        tensors = averaged_tensors(entries)
+        parameters = outer_sources(entries)
         count = self._settings.fragments
-        if count == 1:
-            return [list(range(len(tensors)))]
-        modules = {name: i for i, (name, _) in enumerate(self._model.named_modules())}
-        where: dict[tuple[object, ...], int] = {}
-        for e in entries:
-            owner = e.name.rpartition(".")[0]
-            where.setdefault(_memory(local_tensor(e.tensor)), modules.get(owner, len(modules)))
-        positions = [where.get(_memory(t), len(modules)) for t in tensors]
-        return split_into_fragments([t.numel() for t in tensors], positions, count)
+        positions = [0] * len(tensors)
+        if count > 1:
+            modules = {name: i for i, (name, _) in enumerate(self._model.named_modules())}
+            where: dict[tuple[object, ...], int] = {}
+            for e in entries:
+                owner = modules.get(e.name.rpartition(".")[0], len(modules))
+                where.setdefault(_memory(local_tensor(e.tensor)), owner)
+            positions = [where.get(_memory(t), len(modules)) for t in tensors]
+        plan = plan_fragments(parameters, tensors[len(parameters) :], positions, count)
+        self._plan = (key, plan)
+        return plan
+
+    def _outer_sources(self, entries: list[Tracked]) -> list[Tensor]:
+        """What the outer optimizer steps: the parameters, cut as the fragments cut them."""
+        plan = self._fragment_plan(entries)
+        return plan.tensors[: plan.outer_count]
+
+    def _fragment_indices(
+        self, entries: list[Tracked], fragment: int | list[int] | None
+    ) -> list[int] | None:
+        """The indices (into the plan's tensors) of one fragment's or several fragments'
+        tensors; ``None`` for all."""
+        if fragment is None:
+            return None
+        chosen = [fragment] if isinstance(fragment, int) else fragment
+        fragments = self._fragment_plan(entries).fragments
+        return [i for k in chosen for i in fragments[k]]
 
     # --- rounds through a fault-tolerance quorum ------------------------------------------
 
@@ -407,7 +433,8 @@ class Rounds:
             return
         entries = self.tracked() if entries is None else entries
         if self.outer is not None:
-            kept = self.outer.step_from_snapshot(outer_sources(entries), averager.snapshot_pieces())
+            sources = self._outer_sources(entries)
+            kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
             averager.set_anchor_values(kept)  # deltas are taken from the outer result on
         self._broadcast_buffers(entries)
 
@@ -449,11 +476,11 @@ class Rounds:
                 landed, applied = result is not None, bool(result)
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
-            indices = None if self.averager is None else self.averager.indices(fragment)
+            indices = self._fragment_indices(entries, fragment)
             outer, averager = self.outer, self.averager
 
             def outer_step() -> None:
-                outer.step_from_mean(outer_sources(entries), indices)
+                outer.step_from_mean(self._outer_sources(entries), indices)
                 if averager is not None:
                     averager.set_anchor_from_tensors(fragment)  # deltas from the outer result
 
@@ -510,3 +537,18 @@ class Rounds:
         if self.outer is not None:
             tensors[state_entry.OUTER] = self.outer.state_dict()
         return tensors
+
+    def rebuild_released(self) -> None:
+        """After :meth:`release_buffers`: build the averagers again at once (their anchors
+        taken over), for a closed wrapper reopened by a load that brings a round in flight."""
+        if self.communicates and self._plan_key is None and self.averager is not None:
+            self._build_averagers(self.tracked())
+
+    def release_buffers(self) -> None:
+        """Let go of the averagers' buffers and async work, keeping what :meth:`state_tensors`
+        reads (the anchors, the outer optimizer's copy and state). A wrapper reopened by
+        ``load_state_dict`` re-plans at its next round: new buffers, the anchors taken over."""
+        for averager in (self.averager, self.local_averager):
+            if averager is not None:
+                averager.release_buffers()
+        self._plan_key = None

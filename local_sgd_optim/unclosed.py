@@ -5,6 +5,13 @@ training ends with each rank holding its own model, and nothing else says so. Th
 when the wrapper is garbage-collected or, if it is still alive then, at interpreter exit; it
 reads the wrapper's counters and closed flag, never the wrapper itself, so that watching does
 not keep the wrapper alive.
+
+Where warnings are errors (``python -W error``, pytest's ``-W error`` or ``filterwarnings =
+error``) the warning is raised inside a finalizer, where no caller can catch it: Python prints
+it as "Exception ignored in: <finalize object ...>" (at exit: as a traceback), the script goes
+on and its exit status is unchanged; under pytest the test during which the wrapper was
+collected fails with ``PytestUnraisableExceptionWarning``. The log line goes first, so the
+message also stands on a line of its own.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def _warn_if_unclosed(clock: Clock, ownership: Ownership, rank: int) -> None:
         "differs from the other ranks'. Call opt.close() on every rank when training ends, "
         "or train inside `with opt:`"
     )
-    # Both: a warning for those who filter or turn warnings into errors, a log line for
-    # those who silence warnings (PYTHONWARNINGS=ignore) but keep the library's logs.
-    warnings.warn(message, RuntimeWarning, stacklevel=1)  # no caller of the user's to name
+    # Both: a log line for those who silence warnings (PYTHONWARNINGS=ignore) but keep the
+    # library's logs, and a warning for those who filter them or turn them into errors. The
+    # log line first: a warning turned into an error ends this function.
     _LOG.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=1)  # no caller of the user's to name

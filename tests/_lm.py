@@ -130,11 +130,17 @@ def diloco(period: int, lr: float, momentum: float) -> dict[str, Any]:
 def method_config(method: str) -> dict[str, Any]:
     """:data:`METHODS`' entry, or the entry a name spells: ``"DDP"``, ``"local SGD H=32"``,
     ``"post-local SGD H=32"`` (the first quarter synchronous), ``"DiLoCo H=32 lr=0.5 m=0.8"``
-    (outer Nesterov lr and momentum), each with a trailing ``bf16`` for bfloat16 deltas."""
+    (outer Nesterov lr and momentum), each with a trailing ``bf16``, ``int8`` or ``int4`` for
+    16-, 8- or 4-bit deltas, and ``F=4`` for four streaming fragments."""
     words = method.split()
-    if "bf16" in words:
-        words.remove("bf16")
-        return method_config(" ".join(words)) | {"comm_dtype": torch.bfloat16}
+    for word, dtype in (("bf16", torch.bfloat16), ("int8", "int8"), ("int4", "int4")):
+        if word in words:
+            words.remove(word)
+            return method_config(" ".join(words)) | {"comm_dtype": dtype}
+    fragments = [w for w in words if w.startswith("F=")]
+    if fragments:
+        words.remove(fragments[0])
+        return method_config(" ".join(words)) | {"fragments": int(fragments[0][2:])}
     if method in METHODS:
         return METHODS[method]
     options = dict(w.split("=") for w in words if "=" in w)
@@ -429,6 +435,8 @@ def train(method: str, seed: int, hyper: Hyper | None = None) -> dict[str, Any]:
         "curve_bytes": curve_bytes,
         "bytes": sent(),
         "rounds": opt.averaging_rounds if opt is not None else hyper.steps,
+        # The most bytes one step sent (DDP: every step sends the same).
+        "peak_step_bytes": opt.stats.peak_step_bytes if opt is not None else sent() // hyper.steps,
         "steps": hyper.steps,
         "world_size": world,
         "lr": hyper.lr,

@@ -93,3 +93,28 @@ def test_resume_moves_the_window_grid_only_at_a_window_boundary() -> None:
     _run(saved, 1)  # in the middle of a window
     with pytest.raises(ValueError, match="middle of an accumulation window"):
         Clock.window_start_after_resume(saved.counters(), True, 2)
+
+
+def test_fragments_fall_at_their_offsets_after_warmup_and_close_knows_which_are_behind() -> None:
+    clock = _clock(8, warmup_steps=2, fragments=4)
+    due, behind = [], []
+    for _ in range(20):
+        clock.count_micro_step()
+        clock.count_optimizer_step()
+        if clock.round_due():
+            fragment = clock.fragment_due()
+            clock.record_round(whole=False)
+            clock.schedule_next_round()
+        elif (fragment := clock.fragment_due()) is not None:
+            clock.record_round(whole=False)
+        if fragment is not None:
+            due.append((clock.optimizer_steps, fragment))
+        behind.append(clock.fragments_behind())
+    # Offsets 2, 4, 6 and 8 into each period; the first period starts after warm-up.
+    assert due == [(4, 0), (6, 1), (8, 2), (10, 3), (12, 0), (14, 1), (16, 2), (18, 3), (20, 0)]
+    assert behind[9] == [0, 1, 2]  # step 10: the period's last fragment was just averaged
+    assert behind[10] == [0, 1, 2, 3]  # step 11: every fragment moved since its round
+    assert behind[11] == [1, 2, 3]  # step 12: fragment 0 was just averaged
+    clock.record_round(whole=True)  # close() or average() of every fragment at step 20
+    assert clock.fragments_behind() == []
+    assert _clock(8, fragments=1).fragments_behind() is None

@@ -15,7 +15,7 @@ from _common import rank
 from torch import nn
 
 from local_sgd_optim import LocalSGDOptimizer
-from local_sgd_optim.fragments import fragment_offsets, smallest_gap, split_into_fragments
+from local_sgd_optim.fragments import fragment_offsets, plan_fragments, smallest_gap
 
 PERIOD = 8
 
@@ -54,35 +54,57 @@ def test_offsets_and_cuts() -> None:
     assert fragment_offsets(10, 3) == [3, 6, 10]
     assert fragment_offsets(8, 1) == [8]
     assert smallest_gap(10, 3) == 3 and smallest_gap(3, 4) == 0
-    # Runs of whole tensors in module order, balanced by size, none empty.
-    assert split_into_fragments([4, 4, 4, 4], [0, 1, 2, 3], 2) == [[0, 1], [2, 3]]
-    assert split_into_fragments([4, 4, 4, 4], [3, 2, 1, 0], 2) == [[3, 2], [1, 0]]
-    assert split_into_fragments([100, 1, 1, 1], [0, 1, 2, 3], 4) == [[0], [1], [2], [3]]
-    assert split_into_fragments([1, 1, 100, 1, 1], range(5), 2) == [[0, 1, 2], [3, 4]]
-    with pytest.raises(ValueError, match="fragments=3 needs at least 3 averaged tensors"):
-        split_into_fragments([5, 5], [0, 1], 3)
+
+
+def _cut(sizes: list[int], positions: list[int], count: int, buffers: int = 0) -> list[Any]:
+    """Each fragment as (tensor, start, stop) pieces; the last ``buffers`` sizes are buffers."""
+    tensors = [torch.zeros(n) for n in sizes]
+    split = len(sizes) - buffers
+    plan = plan_fragments(tensors[:split], tensors[split:], positions, count)
+    for t, (i, a, b) in zip(plan.tensors, plan.origins):  # each piece is a view of its tensor
+        assert t.numel() == b - a and t.data_ptr() == tensors[i].data_ptr() + 4 * a
+    return [[plan.origins[j] for j in f] for f in plan.fragments]
+
+
+def test_cuts_in_module_order_into_equal_fragments() -> None:
+    # Equal sizes, whole tensors where the cuts fall between them; in module order.
+    assert _cut([4, 4, 4, 4], [0, 1, 2, 3], 2) == [[(0, 0, 4), (1, 0, 4)], [(2, 0, 4), (3, 0, 4)]]
+    assert _cut([4, 4, 4, 4], [3, 2, 1, 0], 2) == [[(2, 0, 4), (3, 0, 4)], [(0, 0, 4), (1, 0, 4)]]
+    # A tensor that a cut falls inside travels in pieces, one in each fragment: every fragment
+    # holds a quarter of the values, where whole tensors could not do better than 100 of 103.
+    assert _cut([100, 1, 1, 1], [0, 1, 2, 3], 4) == [
+        [(0, 0, 25)],
+        [(0, 25, 51)],
+        [(0, 51, 77)],
+        [(0, 77, 100), (1, 0, 1), (2, 0, 1), (3, 0, 1)],
+    ]
+    # A buffer goes with its module (position), wherever it is in the list.
+    assert _cut([6, 6, 6], [0, 2, 1], 3, buffers=1) == [[(0, 0, 6)], [(2, 0, 6)], [(1, 0, 6)]]
+    with pytest.raises(ValueError, match="fragments=5 needs at least 5 averaged values"):
+        _cut([2, 2], [0, 1], 5)
 
 
 @torch.no_grad()
 def _average_by_hand(
     indices: list[int],
-    tensors: list[torch.Tensor],
+    pieces: list[torch.Tensor],
     n_params: int,
     kept: list[torch.Tensor],
     outer: torch.optim.Optimizer | None,
 ) -> None:
-    """The reference round of some tensors: their mean over ranks and, with an outer
-    optimizer, its step on those parameters' pseudo-gradient alone."""
+    """The reference round of some pieces: their mean over ranks and, with an outer
+    optimizer (over a copy of each parameter piece), its step on those pieces'
+    pseudo-gradient alone."""
     for i in indices:
-        dist.all_reduce(tensors[i])
-        tensors[i].div_(2)
+        dist.all_reduce(pieces[i])
+        pieces[i].div_(dist.get_world_size())
     mine = [i for i in indices if i < n_params]
     if outer is not None and mine:
         for i in range(n_params):
-            kept[i].grad = (kept[i] - tensors[i]) if i in mine else None
+            kept[i].grad = (kept[i] - pieces[i]) if i in mine else None
         outer.step()
         for i in mine:
-            tensors[i].copy_(kept[i])
+            pieces[i].copy_(kept[i])
 
 
 def _per_step(settings: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -92,13 +114,16 @@ def _per_step(settings: dict[str, Any], steps: int) -> dict[str, Any]:
     model, reference = _Net(), _Net()
     opt = LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, PERIOD, **settings)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.05)
-    outer = settings.get("outer_optimizer")
-    kept = _params(reference)
-    ref_outer = None if outer is None else outer(kept)
-    fragments = opt._rounds.averager.fragments  # indices into the averaged tensors
+    # The same pieces of the reference's tensors as the wrapper cut.
+    plan = opt._rounds._fragment_plan(opt._rounds.tracked())
+    fragments = plan.fragments
     stats = [b for name, b in reference.named_buffers() if name.startswith("bn.running")]
-    tensors = [*reference.parameters(), *stats]
-    n_params = len(list(reference.parameters()))
+    whole = [*reference.parameters(), *stats]
+    tensors = [whole[i].detach().view(-1)[a:b] for i, a, b in plan.origins]
+    n_params = plan.outer_count
+    outer = settings.get("outer_optimizer")
+    kept = [t.clone() for t in tensors[:n_params]]
+    ref_outer = None if outer is None else outer(kept)
     g = torch.Generator().manual_seed(rank())
     sent, same, gaps = [], [], []
     for step in range(1, steps + 1):
@@ -116,9 +141,9 @@ def _per_step(settings: dict[str, Any], steps: int) -> dict[str, Any]:
         synced = offsets.index(into) if into in offsets else None
         if synced is not None:
             _average_by_hand(fragments[synced], tensors, n_params, kept, ref_outer)
-        gathered = [torch.empty_like(_flat(model)) for _ in range(2)]
+        gathered = [torch.empty_like(_flat(model)) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, _flat(model))
-        same.append(torch.equal(gathered[0], gathered[1]))
+        same.append(torch.equal(gathered[0], gathered[-1]))
         gaps.append(float((_flat(model) - _flat(reference)).abs().max()))
     before_close = _flat(model)
     opt.close()
@@ -173,6 +198,15 @@ def test_each_fragment_is_averaged_at_its_offset_as_by_hand(
     # Each fragment's round counts; close() averages those not averaged at the last step.
     behind = 3 if steps % PERIOD == 0 else 4
     assert r["rounds"] == sum(1 for sent in r["sent"] if sent) + behind
+
+
+def test_one_replica_takes_each_fragments_outer_step_alone(ranks: Any) -> None:
+    # Alone nothing is communicated, but the outer optimizer still steps fragment by fragment
+    # (DiLoCo with one replica is Lookahead; four fragments, four staggered outer steps).
+    settings = {"fragments": 4, "outer_optimizer": _outer}
+    (result,) = ranks.run(_per_step, settings, 2 * PERIOD + 3, world_size=1)
+    assert max(result["gaps"]) < 1e-6 and result["closed_as_by_hand"] < 1e-6, result["gaps"]
+    assert result["total"] == 0
 
 
 def _resumed(settings: dict[str, Any], stop: int | None, steps: int) -> dict[str, Any]:
@@ -231,7 +265,7 @@ def test_a_resume_mid_period_is_exact(ranks: Any, settings: dict[str, Any], stop
 
 
 def _bad(settings: dict[str, Any]) -> str:
-    model = nn.Sequential(nn.Linear(4, 4))  # two tensors
+    model = nn.Sequential(nn.Linear(1, 2))  # four values
     try:
         LocalSGDOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, PERIOD, **settings)
     except ValueError as error:
@@ -242,12 +276,14 @@ def _bad(settings: dict[str, Any]) -> str:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"fragments": 3}, "fragments=3 needs at least 3 averaged tensors"),
+        ({"fragments": 5}, "fragments=5 needs at least 5 averaged values, the model has 4"),
         ({"fragments": 2, "overlap_steps": 4}, "overlap_steps must be smaller than the 4 step"),
         ({"fragments": 9}, "fragments=9 needs a period of at least 9 steps"),
+        # Fine: a tensor is cut where a fragment ends.
+        ({"fragments": 4}, "no error"),
         ({"fragments": 0}, "fragments must be a positive integer"),
     ],
-    ids=["too-few-tensors", "overlap-too-long", "period-too-short", "zero"],
+    ids=["too-few-values", "overlap-too-long", "period-too-short", "one-a-value", "zero"],
 )
 def test_fragments_that_cannot_work_raise_on_every_rank(
     ranks: Any, settings: dict[str, Any], message: str

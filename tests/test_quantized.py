@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from local_sgd_optim import LocalSGDOptimizer
 from local_sgd_optim.averaging import BucketedAverager
-from local_sgd_optim.comm.quantize import FORMATS
+from local_sgd_optim.comm.quantize import FORMATS, choose_reduction
 from local_sgd_optim.settings import Settings
 
 KIB = 1 / 1024  # bucket_cap_mb for a bucket of 1 KiB
@@ -465,10 +465,12 @@ def test_buffers_are_allocated_once_and_sized_by_the_format() -> None:
         assert {b.wire_bytes for b in averager.buckets} == {payload}
         assert averager.nbytes == 8 * payload
         # The anchor, one float32 staging buffer of whole blocks, two pool slots of the
-        # payload and what the all-gather receives (1 rank here), and int4's unpacked codes.
+        # payload and what the all-gather receives (1 rank here), int4's unpacked codes, and
+        # float32 for codes cast before they are added (at most 1 MiB).
         staging = fmt.padded(250_000) * 4
         codes = fmt.padded(250_000) if name == "int4" else 0
-        expected = 8 * 250_000 * 4 + staging + 2 * (2 * payload) + codes
+        casts = min(1 << 18, fmt.padded(250_000)) * 4
+        expected = 8 * 250_000 * 4 + staging + 2 * (2 * payload) + codes + casts
         assert averager.workspace_bytes == expected
         pointers = [b.wire.data_ptr() for b in averager.buckets]
         averager.average()
@@ -486,3 +488,8 @@ def test_quantized_reduction_is_checked() -> None:
             params, None, comm_dtype="int8", overlap=True, quantized_reduction="reduce_scatter"
         )
     assert BucketedAverager(params, None, comm_dtype="int4", overlap=True).reduction == "all_gather"
+    # "auto": the all-gather on 2 ranks (the same bytes, one collective), the reduce-scatter
+    # from 3 on (fewer bytes), the all-gather again with overlap (one collective in flight).
+    assert choose_reduction("auto", 2, overlap=False) == "all_gather"
+    assert choose_reduction("auto", 3, overlap=False) == "reduce_scatter"
+    assert choose_reduction("auto", 8, overlap=True) == "all_gather"

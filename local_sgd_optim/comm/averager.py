@@ -50,6 +50,7 @@ from local_sgd_optim.comm.header import NONFINITE, TOO_LARGE, RoundHeader
 from local_sgd_optim.comm.overlap import InFlightRound, Piece
 from local_sgd_optim.comm.packing import delta_fits_float16, pack, unpack
 from local_sgd_optim.comm.quantize import (
+    CAST_VALUES,
     FORMATS,
     choose_reduction,
     reduce_share,
@@ -82,7 +83,8 @@ class BucketedAverager:
       staging buffer is float32, whole blocks), and two pool slots per device, each the payload
       ``P`` of a bucket (``C / 3.9`` for int8, ``C / 7.5`` for int4) plus what the reduction
       receives: ``W * P`` for the all-gather (``W`` ranks), ``P + P / W`` for the
-      reduce-scatter; with int4, an int8 buffer of ``C / 4`` for unpacked codes;
+      reduce-scatter; with int4, an int8 buffer of ``C / 4`` for unpacked codes; and 1 MiB of
+      float32 that codes are cast into before they are added;
     - ``overlap``: a round stays in flight while training goes on, so every bucket has its own
       wire buffer and a copy of what this rank sent: two copies of the averaged tensors in the
       wire dtype (plus the full-precision copy with a 16-bit ``comm_dtype``); quantized, each
@@ -112,8 +114,8 @@ class BucketedAverager:
             buffers copied from the first rank), folded into the plan that every rank's
             header compares (default: ``""``).
         quantized_reduction (str): how quantized deltas are averaged: ``"all_gather"``,
-            ``"reduce_scatter"`` (not with ``overlap``), or ``"auto"``: the all-gather below 4
-            ranks and with ``overlap``, the reduce-scatter from 4 ranks on (default:
+            ``"reduce_scatter"`` (not with ``overlap``), or ``"auto"``: the all-gather on 2
+            ranks and with ``overlap``, the reduce-scatter from 3 ranks on (default:
             ``"auto"``).
 
     Every round starts with a header (:mod:`~local_sgd_optim.comm.header`): one all-reduce of
@@ -273,20 +275,24 @@ class BucketedAverager:
             scratch = torch.empty(size, dtype=torch.uint8, device=device)
             four = [n for b, n in work.items() if b.quant is not None and b.quant.bits == 4]
             codes = torch.empty(max(four), dtype=torch.int8, device=device) if four else None
+            casts = None
+            if work:
+                values = min(CAST_VALUES, max(work.values()))
+                casts = torch.empty(values, dtype=torch.float32, device=device)
             for b in deltas:
                 b.scratch = scratch[: b.numel * b.dtype.itemsize].view(b.dtype)
                 b.scratch_views = shaped_views(b.scratch, b.sources)
                 if b in work:
                     b.work = scratch[: work[b] * 4].view(torch.float32)
                     b.work_views = shaped_views(b.work, b.sources)
-                    b.codes = codes
+                    b.codes, b.casts = codes, casts
 
     @property
     def workspace_bytes(self) -> int:
         """Bytes this averager allocated for itself (buffers, copies), not counting the tensors."""
         seen: dict[int, int] = {}
         own = [
-            (None if b.in_place else b.wire, b.scratch, b.sent, b.received, b.codes)
+            (None if b.in_place else b.wire, b.scratch, b.sent, b.received, b.codes, b.casts)
             for b in self.buckets
         ]
         buffers = [t for kept in own for t in kept if t is not None]
@@ -556,7 +562,7 @@ class BucketedAverager:
                 assert b.quant is not None and b.received is not None and b.share is not None
                 assert b.work is not None
                 wait(in_flight.pop(0), stats, step)
-                reduce_share(b.quant, b.received, world, b.share, b.work, b.codes, divisor)
+                reduce_share(b.quant, b.received, world, b.share, b.work, b.codes, b.casts, divisor)
                 # The mean shares land in the payload, which the exchange no longer needs.
                 in_flight.append(start_all_gather(b.wire, b.share, group, stats, step, 0))
                 following = buckets[i + 1] if i + 1 < len(buckets) else None
@@ -675,3 +681,28 @@ class BucketedAverager:
                 "with the same model, comm_dtype, overlap_steps and bucket_cap_mb"
             )
         self._in_flight.load_state(state)
+
+    def release_buffers(self) -> None:
+        """Let go of everything this averager holds except the anchors: the wire, pool and
+        staging buffers, the copies of what was sent, the views of the averaged tensors (and
+        with them any bucket storage the tensors have left since) and any async work.
+
+        For the end of training: torch's discussion of gloo's abort at exit points at work
+        objects holding tensors while the interpreter finalises, and the buffers are memory an
+        evaluation after training can use. The anchors stay, so that
+        :meth:`anchor_tensors` (a checkpoint taken after the end) still holds the last round's
+        values. A round in flight is dropped, unapplied and not waited for: after an error its
+        peers may never complete it. Afterwards the averager cannot average; a new one can
+        take its anchors over with :meth:`adopt`.
+        """
+        self.load_pending_state(None)  # drops the in-flight round's work handles
+        for b in self.buckets:
+            b.wire = torch.empty(0, dtype=b.wire_dtype, device=b.device)
+            b.payload_views = []
+            b.scratch, b.scratch_views = None, []
+            b.sent, b.sent_views = None, []
+            b.received = b.share = b.codes = b.casts = None
+            b.work, b.work_views = None, []
+            b.span, b.sources = None, []
+            b.anchor_views = []
+        self._checked = []

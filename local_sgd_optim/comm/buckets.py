@@ -88,6 +88,7 @@ class Bucket:
     work: Tensor | None = field(default=None, init=False)  # float32, whole blocks
     work_views: list[Tensor] = field(default_factory=list, init=False)
     codes: Tensor | None = field(default=None, init=False)  # int4: codes unpacked
+    casts: Tensor | None = field(default=None, init=False)  # float32: codes cast to add them
 
     @property
     def delta(self) -> bool:

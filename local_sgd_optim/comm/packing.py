@@ -63,7 +63,7 @@ def _quantized_mean(b: Bucket, world_size: int, divisor: int) -> Tensor:
     assert b.quant is not None and b.work is not None
     if b.shares == 1:
         assert b.received is not None
-        gathered_mean(b.quant, b.received, world_size, b.work, b.codes, divisor)
+        gathered_mean(b.quant, b.received, world_size, b.work, b.codes, b.casts, divisor)
     else:
         b.quant.dequantize(b.wire, b.work, b.codes)
     return b.work[: b.numel]

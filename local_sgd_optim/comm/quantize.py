@@ -36,9 +36,10 @@ dequantizes the same bytes the same way, so every rank ends bitwise identical.
   shares are all-gathered. Two collectives per bucket, about ``2 (W - 1) / W`` payloads over
   each rank's link, the traffic of a ring all-reduce.
 
-Both are built from ``all_gather`` and ``all_to_all``, which gloo, NCCL and MPI all have.
-:func:`choose_reduction` picks by world size (see ``docs/communication.md`` for the
-measurements behind it).
+Both are built from ``all_gather`` and ``all_to_all``, which gloo and NCCL both have (a
+backend's own ``reduce_scatter``, which gloo also has in torch 2.14, adds what it is given, as
+an all-reduce does). :func:`choose_reduction` picks by world size (see
+``docs/communication.md`` for the measurements behind it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from local_sgd_optim.comm.tensors import divide_
 
 __all__ = [
     "BLOCK",
+    "CAST_VALUES",
     "FORMATS",
     "REDUCTIONS",
     "QuantFormat",
@@ -66,9 +68,12 @@ __all__ = [
 ]
 
 BLOCK = 128  # values per scale
+# Values of the float32 buffer that codes are cast into, a slice at a time, before they are
+# added: small enough to stay in cache (1 MiB), large enough that the calls per slice cost little.
+CAST_VALUES = 1 << 18
 REDUCTIONS = ("auto", "all_gather", "reduce_scatter")
 # "auto" uses the reduce-scatter from this many ranks on (see choose_reduction).
-_REDUCE_SCATTER_FROM = 4
+_REDUCE_SCATTER_FROM = 3
 _SCALE_BYTES = 4  # one float32 per block
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -173,18 +178,32 @@ class QuantFormat:
         return unpacked, scales
 
     def dequantize(
-        self, records: Tensor, out: Tensor, codes: Tensor | None, accumulate: bool = False
+        self,
+        records: Tensor,
+        out: Tensor,
+        codes: Tensor | None,
+        casts: Tensor | None = None,
+        accumulate: bool = False,
     ) -> None:
         """``out`` (float32, whole blocks) becomes the values of ``records``, or gains them
-        with ``accumulate``."""
+        with ``accumulate``, for which ``casts`` is a float32 buffer (of
+        :data:`CAST_VALUES`, say) that the codes are cast into a slice at a time."""
         values, scales = self._codes(records, codes)
         rows = out.view(-1, self.block)
-        # Arithmetic that mixes int8 and float32 takes a slow path on CPU; a cast is fast.
-        if accumulate:
-            rows.addcmul_(values, scales)  # no buffer for the cast: slower than two passes
-        else:
+        # Arithmetic that mixes int8 and float32 takes a slow path on CPU (several times
+        # slower than a cast and the arithmetic in float32): cast first.
+        if not accumulate:
             rows.copy_(values)
             rows.mul_(scales)
+            return
+        assert casts is not None
+        step = casts.numel() // self.block
+        cast_rows = casts[: step * self.block].view(step, self.block)
+        for start in range(0, rows.shape[0], step):
+            end = min(start + step, rows.shape[0])
+            cast = cast_rows[: end - start]
+            cast.copy_(values[start:end])
+            rows[start:end].addcmul_(cast, scales[start:end])
 
 
 FORMATS = {"int8": QuantFormat("int8", 8), "int4": QuantFormat("int4", 4)}
@@ -192,8 +211,14 @@ FORMATS = {"int8": QuantFormat("int8", 8), "int4": QuantFormat("int4", 4)}
 
 def choose_reduction(requested: str, world_size: int, overlap: bool) -> str:
     """The reduction for quantized buckets: ``requested``, or for ``"auto"`` the all-gather
-    below :data:`_REDUCE_SCATTER_FROM` ranks and with ``overlap`` (one collective per bucket to
-    leave in flight), the reduce-scatter from there on.
+    on 2 ranks and with ``overlap`` (one collective per bucket to leave in flight), the
+    reduce-scatter from 3 ranks on.
+
+    Measured with ``benchmarks/round_cost.py`` (ResNet-18, gloo, a 2-core machine): on 2 ranks
+    both send the same bytes and take the same time within noise (the all-gather is one
+    collective where the reduce-scatter is two); from 3 ranks the all-gather sends ``W - 1``
+    payloads against ``2 (W - 1) / W`` and is slower (on 4 ranks over a 1 Gbit/s link, twice
+    as slow).
 
     Raises:
         ValueError: ``requested`` is not one of :data:`REDUCTIONS`, or is ``"reduce_scatter"``
@@ -263,13 +288,15 @@ def gathered_mean(
     world_size: int,
     out: Tensor,
     codes: Tensor | None,
+    casts: Tensor | None,
     divisor: int | None = None,
 ) -> None:
     """``out`` (float32, whole blocks) becomes the mean of the ``world_size`` payloads that lie
     one after another in ``received``: dequantized and added in rank order, then divided by
-    ``divisor``, the ranks that contributed (default: ``world_size``)."""
+    ``divisor``, the ranks that contributed (default: ``world_size``; ``codes`` and ``casts``:
+    see :meth:`QuantFormat.dequantize`)."""
     for r, payload in enumerate(received.view(world_size, -1)):
-        fmt.dequantize(payload, out, codes, accumulate=r > 0)
+        fmt.dequantize(payload, out, codes, casts, accumulate=r > 0)
     divide_(out, world_size if divisor is None else divisor)
 
 
@@ -280,11 +307,12 @@ def reduce_share(
     share: Tensor,
     work: Tensor,
     codes: Tensor | None,
+    casts: Tensor | None,
     divisor: int | None = None,
 ) -> None:
     """The reduce-scatter's middle: this rank's share from every rank (``received``) becomes
     their mean (over ``divisor`` contributing ranks, default ``world_size``), requantized into
     ``share``. ``work`` is float32 of at least a share's values."""
     values = work[: share.numel() // fmt.record_bytes * fmt.block]
-    gathered_mean(fmt, received, world_size, values, codes, divisor)
+    gathered_mean(fmt, received, world_size, values, codes, casts, divisor)
     fmt.quantize_(values, share, codes)
