@@ -324,10 +324,10 @@ class ReplicaQuorum:
         if 0 < holding < size:
             self._rounds.forget_anchors()
         if contributors == 0:
-            raise RoundError(
-                "fault tolerance: no replica of the quorum holds a state of its own to average "
-                "(every one joined without contributing)"
-            )
+            # Every replica here received its state from a peer that has since gone (the
+            # round they joined failed): their states are the last there are, so all count.
+            self._contributes = True
+            return size
         return contributors
 
     # --- rounds ---------------------------------------------------------------------------

@@ -123,6 +123,11 @@ class BucketedAverager:
     doing the same thing at the same ``step`` and that no rank's tensors hold NaN or inf; it
     costs one read of the tensors and that small collective.
 
+    A round's mean is over :attr:`contributors` ranks, the group's size unless set lower for a
+    round in which some ranks join without contributing, after :meth:`withhold` (a
+    fault-tolerance replica that has just received a peer's state; the group is then a
+    :class:`~local_sgd_optim.comm.groups.StandaloneGroup`, whose backend never averages).
+
     Example::
 
         >>> averager = BucketedAverager(list(model.parameters()), None, bucket_cap_mb=4)
