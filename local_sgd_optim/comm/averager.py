@@ -68,6 +68,14 @@ from local_sgd_optim.comm.tensors import (
 __all__ = ["BucketedAverager"]
 
 
+def _drain(in_flight: Sequence[dist.Work]) -> None:
+    """Wait for collectives every rank started, whatever becomes of them, before an error goes
+    up, so that no collective is left half done."""
+    for work in in_flight:
+        with contextlib.suppress(Exception):
+            work.wait()
+
+
 class BucketedAverager:
     """Averages a fixed list of tensors in place across ``process_group``, bucket by bucket.
 
@@ -538,11 +546,7 @@ class BucketedAverager:
                     in_flight.append(self._start(following, step))
                 unpack(b, world, divisor)
         except BaseException:
-            # Every rank started these: wait for them (whatever becomes of them) before the
-            # error goes up, so that no collective is left half done.
-            for work in in_flight:
-                with contextlib.suppress(Exception):
-                    work.wait()
+            _drain(in_flight)
             raise
 
     def _reduce_scatter_round(self, step: int, buckets: list[Bucket]) -> None:
@@ -578,9 +582,7 @@ class BucketedAverager:
                     exchange(following)
                 unpack(b, world, divisor)
         except BaseException:
-            for work in in_flight:
-                with contextlib.suppress(Exception):
-                    work.wait()
+            _drain(in_flight)
             raise
 
     def _full_precision_round(self, step: int) -> None:
