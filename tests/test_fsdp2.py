@@ -299,6 +299,10 @@ def _parity() -> dict[str, Any]:
         out[name] = _sharded_run(mesh, 7, 3, **kwargs)["history"]
         out[f"{name}_reference"] = _unsharded_run(mesh, 7, 3, **kwargs)
     out["manual_bf16"] = out["manual_diloco"]  # the same run in full precision
+    # Streaming DiLoCo on shards: each rank cuts its own local shards, as its replicas do.
+    fragmented = _sharded_run(mesh, 7, 4, fragments=2, outer_optimizer=_diloco)
+    out["fragments"] = fragmented["history"]
+    out["fragments_sent"] = fragmented["sent"]
     out.update(_resume(mesh))
     return out
 
@@ -369,6 +373,20 @@ def test_sixteen_bit_deltas_and_overlap_on_shards_match_the_unsharded_wrapper(
         _assert_history(out["overlap"], out["overlap_reference"], s, 1e-5, f"overlap, rank {r}")
         full = out["manual_bf16"][q]
         _assert_history(out["bf16"], full, s, 2e-2, f"bf16 vs full precision, rank {r}")
+
+
+def test_fragments_on_shards_average_each_half_at_its_step(
+    parity: list[dict[str, Any]],
+) -> None:
+    """Two fragments at period 4: rounds at steps 2 and 4 of each period (bytes at those steps
+    only), replicas apart between them, and identical after close()."""
+    for out in parity:
+        sent = [0, *out["fragments_sent"]]
+        grew = {i + 1 for i in range(len(sent) - 1) if sent[i + 1] > sent[i]}
+        assert grew == {2, 4, 6}, (grew, sent)
+    assert not torch.equal(parity[0]["fragments"][-2], parity[2]["fragments"][-2])
+    for r in (0, 1):  # ranks r and r + 2 hold the same shards, in two replicas
+        assert torch.equal(parity[r]["fragments"][-1], parity[r + 2]["fragments"][-1])
 
 
 def test_state_dict_roundtrip_resumes_exactly(parity: list[dict[str, Any]]) -> None:
