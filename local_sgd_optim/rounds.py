@@ -347,8 +347,8 @@ class Rounds:
         (``average_buffers=True``: all but running statistics) to every rank."""
         buffers = broadcast_buffers(entries)
         if buffers:
-            broadcast_tensors(buffers, self._process_group, self._settings.bucket_cap_mb)
-            self._stats.bytes_communicated += sum(b.numel() * b.element_size() for b in buffers)
+            cap = self._settings.bucket_cap_mb
+            broadcast_tensors(buffers, self._process_group, cap, self._stats)
 
     def set_anchors_from_tensors(self) -> None:
         """Every rank holds the same values now: the reference for 16-bit deltas."""

@@ -63,8 +63,7 @@ def global_view(
     try:
         averager.average(step, kind="global model")
         if copied:
-            broadcast_tensors(copied, process_group, bucket_cap_mb)
-            spent.bytes_communicated += sum(t.numel() * t.element_size() for t in copied)
+            broadcast_tensors(copied, process_group, bucket_cap_mb, spent)
         yield
     finally:
         _restore(list(tensors) + copied, own)

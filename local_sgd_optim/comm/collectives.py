@@ -270,9 +270,13 @@ class GradientAverager:
 
 @torch.no_grad()
 def broadcast_tensors(
-    tensors: Sequence[Tensor], process_group: dist.ProcessGroup | None, bucket_cap_mb: float = 25.0
+    tensors: Sequence[Tensor],
+    process_group: dist.ProcessGroup | None,
+    bucket_cap_mb: float = 25.0,
+    stats: CommStats | None = None,
 ) -> bool:
-    """Copy the group's rank 0 values of ``tensors`` to every rank, in place.
+    """Copy the group's rank 0 values of ``tensors`` to every rank, in place; their bytes are
+    added to ``stats`` when given (a round's copied buffers; not the initial broadcast).
 
     Returns whether any of this rank's tensors changed. Goes bucket by bucket through one
     buffer per device of at most ``bucket_cap_mb``. The source is the group's first rank
@@ -289,6 +293,8 @@ def broadcast_tensors(
     buckets = cut_into_buckets(
         group_by_device_and_dtype(local_tensors(tensors)), max(1, int(bucket_cap_mb * MB)), None
     )
+    if stats is not None:
+        stats.bytes_communicated += sum(b.wire_bytes for b in buckets)
     buffers: dict[torch.device, Tensor] = {}
     for b in buckets:
         if b.device not in buffers:
