@@ -159,10 +159,10 @@ class Clock:
             return []
         if not self.averaging_rounds or self.last_round_step != now:
             return list(range(self.fragments))
-        offsets = fragment_offsets(self.next_round_step - self.period_start, self.fragments)
-        into = now - self.period_start
-        # into == 0: the period's last fragment ended the period that just rolled over.
-        done = self.fragments - 1 if into == 0 else offsets.index(into) if into in offsets else -1
+        done = self.fragment_due()
+        if done is None and now == self.period_start:
+            # The period's last fragment ended the period that just rolled over.
+            done = self.fragments - 1
         return [k for k in range(self.fragments) if k != done]
 
     def schedule_next_round(self) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ __all__ = [
     "FragmentPlan",
     "FragmentedAverager",
     "check_fragments",
+    "chosen",
     "fragment_offsets",
     "plan_fragments",
     "smallest_gap",
@@ -84,6 +85,13 @@ def check_fragments(count: int, period: object, overlap_steps: int) -> None:
         )
 
 
+def chosen(fragment: int | Sequence[int] | None, count: int) -> list[int]:
+    """Fragments by index: one, several, or (``None``) every one of ``count``."""
+    if fragment is None:
+        return list(range(count))
+    return [fragment] if isinstance(fragment, int) else list(fragment)
+
+
 @dataclasses.dataclass
 class FragmentPlan:
     """What rounds average, cut into fragments.
@@ -104,6 +112,17 @@ class FragmentPlan:
     outer_count: int
     fragments: list[list[int]]
     origins: list[tuple[int, int, int]]
+
+    @property
+    def outer_tensors(self) -> list[Tensor]:
+        """The pieces of parameters: what an outer optimizer steps."""
+        return self.tensors[: self.outer_count]
+
+    def indices(self, fragment: int | Sequence[int] | None) -> list[int] | None:
+        """The indices into :attr:`tensors` of one or several fragments (``None``: all)."""
+        if fragment is None:
+            return None
+        return [i for k in chosen(fragment, len(self.fragments)) for i in self.fragments[k]]
 
 
 def plan_fragments(
@@ -236,16 +255,8 @@ class FragmentedAverager:
         """Bytes the fragments' averagers allocated for themselves."""
         return sum(part.workspace_bytes for part in self.parts)
 
-    @property
-    def on_nonfinite(self) -> str:
-        """``"raise"`` or ``"skip"``: what a round does when some rank's tensors are not finite."""
-        return self.parts[0].on_nonfinite
-
     def _chosen(self, fragment: int | Sequence[int] | None) -> list[int]:
-        """Fragments by index: one, several, or (``None``) every one."""
-        if fragment is None:
-            return list(range(self.count))
-        return [fragment] if isinstance(fragment, int) else list(fragment)
+        return chosen(fragment, self.count)
 
     def adopt(self, previous: FragmentedAverager) -> bool:
         """Take over ``previous``'s anchors and fingerprints, fragment by fragment, when it cut
@@ -418,6 +429,3 @@ class FragmentedAverager:
         :meth:`BucketedAverager.release_buffers`)."""
         for part in self.parts:
             part.release_buffers()
-
-    def __iter__(self) -> Iterator[BucketedAverager]:
-        return iter(self.parts)

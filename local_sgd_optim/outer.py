@@ -158,7 +158,6 @@ class OuterOptimizer:
         )
         self.build(sources)
         self.ready = False
-        self._started = set()
 
     @torch.no_grad()
     def _step(self, pairs: list[tuple[Tensor, Tensor, Tensor]], indices: set[int]) -> bool:

@@ -161,7 +161,7 @@ class Rounds:
     def build_outer(self) -> None:
         """Take the outer optimizer's kept copy from the parameters as they are now."""
         if self.outer is not None:
-            self.outer.build(self._outer_sources(self.tracked()))
+            self.outer.build(self._fragment_plan(self.tracked()).outer_tensors)
 
     def _build_averagers(self, entries: list[Tracked]) -> None:
         tensors = averaged_tensors(entries)
@@ -229,22 +229,6 @@ class Rounds:
         plan = plan_fragments(parameters, tensors[len(parameters) :], positions, count)
         self._plan = (key, plan)
         return plan
-
-    def _outer_sources(self, entries: list[Tracked]) -> list[Tensor]:
-        """What the outer optimizer steps: the parameters, cut as the fragments cut them."""
-        plan = self._fragment_plan(entries)
-        return plan.tensors[: plan.outer_count]
-
-    def _fragment_indices(
-        self, entries: list[Tracked], fragment: int | list[int] | None
-    ) -> list[int] | None:
-        """The indices (into the plan's tensors) of one fragment's or several fragments'
-        tensors; ``None`` for all."""
-        if fragment is None:
-            return None
-        chosen = [fragment] if isinstance(fragment, int) else fragment
-        fragments = self._fragment_plan(entries).fragments
-        return [i for k in chosen for i in fragments[k]]
 
     # --- rounds through a fault-tolerance quorum ------------------------------------------
 
@@ -433,7 +417,7 @@ class Rounds:
             return
         entries = self.tracked() if entries is None else entries
         if self.outer is not None:
-            sources = self._outer_sources(entries)
+            sources = self._fragment_plan(entries).outer_tensors
             kept = self.outer.step_from_snapshot(sources, averager.snapshot_pieces())
             averager.set_anchor_values(kept)  # deltas are taken from the outer result on
         self._broadcast_buffers(entries)
@@ -476,11 +460,11 @@ class Rounds:
                 landed, applied = result is not None, bool(result)
             self._log(before, step, blocking, round_number)
         if self.outer is not None and landed and applied:  # a started one steps when it lands
-            indices = self._fragment_indices(entries, fragment)
+            plan = self._fragment_plan(entries)  # the outer optimizer steps its pieces
             outer, averager = self.outer, self.averager
 
             def outer_step() -> None:
-                outer.step_from_mean(self._outer_sources(entries), indices)
+                outer.step_from_mean(plan.outer_tensors, plan.indices(fragment))
                 if averager is not None:
                     averager.set_anchor_from_tensors(fragment)  # deltas from the outer result
 
